@@ -1,0 +1,1 @@
+"""The worker half of mxrules: claims spooled jobs and runs their actions."""

@@ -1,0 +1,52 @@
+"""Running libmilter through pymilter, with the socket handled our way.
+
+This does what `Milter.runmilter` does, in the same order, plus what it does
+not: the action flags mxrules needs, and the mode of a unix socket set after
+libmilter creates it (Postfix, chrooted or not, must be able to reach it).
+"""
+
+from __future__ import annotations
+
+import os
+
+import Milter
+import milter as libmilter  # pymilter's C module
+
+from .adapter import MxrulesMilter
+from .session import Runtime
+
+
+def serve(runtime: Runtime, listen: str, timeout: int, socket_mode: str | None) -> None:
+    MxrulesMilter.runtime = runtime
+    Milter.factory = MxrulesMilter
+    libmilter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.DELRCPT)
+    libmilter.set_connect_callback(Milter.connect_callback)
+    libmilter.set_helo_callback(lambda ctx, host: ctx.getpriv().hello(host))
+    libmilter.set_envfrom_callback(lambda ctx, *b: ctx.getpriv().envfrom_bytes(*b))
+    libmilter.set_envrcpt_callback(lambda ctx, *b: ctx.getpriv().envrcpt_bytes(*b))
+    libmilter.set_header_callback(lambda ctx, f, v: ctx.getpriv().header_bytes(f, v))
+    libmilter.set_eoh_callback(lambda ctx: ctx.getpriv().eoh())
+    libmilter.set_body_callback(lambda ctx, chunk: ctx.getpriv().body(chunk))
+    libmilter.set_eom_callback(lambda ctx: ctx.getpriv().eom())
+    libmilter.set_abort_callback(lambda ctx: ctx.getpriv().abort())
+    libmilter.set_close_callback(Milter.close_callback)
+    libmilter.setconn(listen)
+    libmilter.settimeout(timeout)
+    libmilter.register(
+        "mxrules",
+        data=lambda ctx: ctx.getpriv().data(),
+        unknown=lambda ctx, cmd: ctx.getpriv().unknown(cmd),
+        negotiate=Milter.negotiate_callback,
+    )
+    libmilter.opensocket(True)
+    path = _unix_path(listen)
+    if path and socket_mode:
+        os.chmod(path, int(socket_mode, 8))
+    libmilter.main()
+
+
+def _unix_path(listen: str) -> str | None:
+    for prefix in ("unix:", "local:"):
+        if listen.startswith(prefix):
+            return listen[len(prefix):]
+    return None

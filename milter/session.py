@@ -1,0 +1,336 @@
+"""One SMTP connection as the milter sees it: the state machine between callbacks.
+
+The adapter feeds it plain values (addresses, header names and bytes) and gets
+`Reply` values back; nothing here knows pymilter.  A connection holds the
+engine (compiled config) in force at connect for its IP decision and takes a
+fresh snapshot at each MAIL FROM, so one message is judged by one rule set
+from RCPT to EOM even if the config is reloaded meanwhile.
+
+Header and body callbacks never fail the SMTP conversation themselves (Postfix
+is told not to wait for their replies): a spool error is remembered and
+answered at end of data with 451, before any 250.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+from mxrules.decision import (
+    CONTINUE,
+    TEMPFAIL_INTERNAL,
+    TEMPFAIL_SPOOL,
+    TOO_BIG,
+    Engine,
+    RcptDecision,
+    Reply,
+    in_stream_headers,
+)
+from mxrules.errors import SpoolError
+from mxrules.ids import new_message_id
+from mxrules.ipfilter import parse_ip
+from mxrules.metrics import BILLING_CHUNK, MilterMetrics
+from mxrules.spool import Client, Job, JobWriter, MatchedRule, Spool, ses_timestamp
+
+log = logging.getLogger("mxrules.milter")
+
+DISABLED_VERDICTS = {
+    "spam": "DISABLED", "virus": "DISABLED", "spf": "DISABLED",
+    "dkim": "DISABLED", "dmarc": "DISABLED",
+}
+
+
+@dataclass
+class Runtime:
+    """What every connection shares: the current engine, the spool, the metrics."""
+
+    engine: Engine
+    spool: Spool
+    metrics: MilterMetrics
+
+    def swap(self, engine: Engine) -> None:
+        # One reference assignment: connections read it atomically under the GIL.
+        self.engine = engine
+
+
+@dataclass(frozen=True)
+class EomResult:
+    reply: Reply
+    add_headers: tuple[tuple[str, str], ...] = ()
+    delete_recipients: tuple[str, ...] = ()
+    discard: bool = False
+    message_id: str = ""
+
+
+@dataclass
+class _Message:
+    engine: Engine
+    sender: str
+    decisions: list[RcptDecision] = field(default_factory=list)
+    writer: JobWriter | None = None
+    failed: Reply | None = None  # set when a header/body step could not be stored
+    too_big: bool = False
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def handled(self) -> list[RcptDecision]:
+        return [d for d in self.decisions if d.handled]
+
+
+class Session:
+    def __init__(self, runtime: Runtime, conn_id: str = "") -> None:
+        self.rt = runtime
+        self.conn_id = conn_id
+        self.client = Client(address="")
+        self.msg: _Message | None = None
+        self.queue_id = ""
+
+    # -- logging with the connection and queue ids on every line ------------
+    def _log(self, level: int, event: str, **fields: object) -> None:
+        if not log.isEnabledFor(level):
+            return
+        parts = [event, f"conn={self.conn_id}"]
+        if self.queue_id:
+            parts.append(f"queue_id={self.queue_id}")
+        parts += [f"{k}={_quote(v)}" for k, v in fields.items() if v not in (None, "")]
+        log.log(level, " ".join(parts))
+
+    # -- SMTP stages ----------------------------------------------------------
+    def connect(self, address: str, hostname: str) -> Reply:
+        engine = self.rt.engine
+        try:
+            addr = parse_ip(address)
+        except ValueError:
+            # Not an IP (a local submission): there is nothing to filter on.
+            self.client = Client(address=address, hostname=hostname)
+            self.rt.metrics.connections.labels("accepted").inc()
+            self._log(logging.INFO, "connect", client=address, result="accept",
+                      reason="no-ip-address")
+            return CONTINUE
+        self.client = Client(address=str(addr), hostname=hostname)
+        if engine.is_trusted_forwarder(addr):
+            self.client = Client(address=str(addr), hostname=hostname, forwarded_by=str(addr))
+        decision = engine.connect(addr)
+        if decision.reply.verb == "reject":
+            self.rt.metrics.connections.labels("rejected").inc()
+            self.rt.metrics.rejections.labels("connect", decision.filters.reason).inc()
+            self._log(logging.INFO, "connect", client=addr, result="reject",
+                      reason=decision.filters.reason, filter=decision.filters.name,
+                      cidr=decision.filters.cidr, reply=decision.reply)
+        else:
+            self.rt.metrics.connections.labels("accepted").inc()
+            self._log(logging.DEBUG, "connect", client=addr, result="accept",
+                      reason=decision.filters.reason, filter=decision.filters.name)
+        return decision.reply
+
+    def helo(self, name: str, tls_version: str, tls_cipher: str) -> None:
+        c = self.client
+        self.client = Client(c.address, c.hostname, name, tls_version, tls_cipher, c.forwarded_by)
+
+    def mail(self, sender: str, params: dict[str, str | None]) -> Reply:
+        self.abort()
+        self.queue_id = ""
+        engine = self.rt.engine
+        self.msg = _Message(engine=engine, sender=_bare(sender))
+        size: int | None = None
+        raw = params.get("SIZE")
+        if raw and raw.isdigit():
+            size = int(raw)
+        reply = engine.mail(size)
+        if reply.verb != "continue":
+            self.rt.metrics.rejections.labels("mail", "size").inc()
+            self._log(logging.INFO, "mail", sender=self.msg.sender, size=size,
+                      result="reject", reply=reply)
+        return reply
+
+    def rcpt(self, recipient: str, *, tls: bool) -> Reply:
+        if self.msg is None:  # RCPT before MAIL cannot come from Postfix
+            return TEMPFAIL_INTERNAL
+        decision = self.msg.engine.rcpt(recipient, tls=tls)
+        self.msg.decisions.append(decision)
+        self.rt.metrics.recipients.labels(decision.outcome).inc()
+        if decision.reply.verb == "reject":
+            self.rt.metrics.rejections.labels("rcpt", decision.outcome).inc()
+        level = logging.DEBUG if decision.outcome == "unmanaged" else logging.INFO
+        self._log(level, "rcpt", sender=self.msg.sender, rcpt=_bare(recipient),
+                  result=decision.outcome, rules=",".join(decision.rules),
+                  reply=decision.reply if decision.reply.verb != "continue" else None)
+        return decision.reply
+
+    def _writer(self) -> JobWriter | None:
+        """The spool file for this message, opened at the first header.
+
+        Only a message with at least one handled recipient is spooled: mail
+        for other domains passes through Postfix untouched and unstored.
+        """
+        msg = self.msg
+        if msg is None or msg.failed is not None or not msg.handled:
+            return None
+        if msg.writer is None:
+            try:
+                msg.writer = self.rt.spool.new_job(new_message_id())
+            except SpoolError as exc:
+                self._spool_failed(exc)
+                return None
+        return msg.writer
+
+    def _spool_failed(self, exc: Exception) -> None:
+        assert self.msg is not None
+        self.msg.failed = TEMPFAIL_SPOOL
+        if self.msg.writer is not None:
+            self.msg.writer.abort()
+            self.msg.writer = None
+        self._log(logging.ERROR, "spool", result="tempfail", error=exc)
+
+    def _write(self, data: bytes) -> None:
+        writer = self._writer()
+        if writer is None:
+            return
+        assert self.msg is not None
+        if writer.size + len(data) > self.msg.engine.config.max_message_size:
+            self.msg.too_big = True
+            writer.abort()
+            self.msg.writer = None
+            self.msg.failed = TOO_BIG
+            return
+        try:
+            writer.write(data)
+        except OSError as exc:
+            self._spool_failed(exc)
+
+    def header(self, name: str, value: bytes) -> None:
+        self._write(name.encode("ascii", "surrogateescape") + b":" + _crlf(value) + b"\r\n")
+
+    def eoh(self) -> None:
+        self._write(b"\r\n")
+
+    def body(self, chunk: bytes) -> None:
+        self._write(chunk)
+
+    def eom(self, queue_id: str) -> EomResult:
+        self.queue_id = queue_id or self.queue_id
+        msg, self.msg = self.msg, None
+        if msg is None:
+            return EomResult(TEMPFAIL_INTERNAL)
+        if msg.failed is None and not msg.handled:
+            if msg.writer is not None:
+                msg.writer.abort()
+            self.rt.metrics.messages.labels("passed").inc()
+            return EomResult(CONTINUE)
+        if msg.failed is not None:
+            result = "rejected" if msg.failed.verb == "reject" else "tempfail"
+            self.rt.metrics.messages.labels(result).inc()
+            if msg.failed is TEMPFAIL_SPOOL:
+                self.rt.metrics.spool_failures.inc()
+            elif msg.failed is TOO_BIG:
+                self.rt.metrics.rejections.labels("data", "size").inc()
+            self._log(logging.WARNING if result == "tempfail" else logging.INFO, "eom",
+                      sender=msg.sender, result=result, reply=msg.failed)
+            return EomResult(msg.failed)
+        writer = msg.writer or self._writer_for(msg)
+        if writer is None:
+            self.rt.metrics.messages.labels("tempfail").inc()
+            self.rt.metrics.spool_failures.inc()
+            return EomResult(TEMPFAIL_SPOOL)
+        engine = msg.engine
+        plan = engine.plan(msg.handled)
+        headers = in_stream_headers(plan)
+        recipients = tuple(_bare(d.recipient) for d in msg.handled)
+        job = Job(
+            message_id=writer.message_id,
+            queue_id=self.queue_id,
+            received_at=ses_timestamp(),
+            rule_set=engine.rule_set.name if engine.rule_set else "",
+            mail_from=msg.sender,
+            recipients=recipients,
+            client=self.client,
+            rules=tuple(MatchedRule(p.rule, tuple(_bare(r) for r in p.recipients))
+                        for p in plan),
+            in_stream_headers=tuple(headers),
+            hostname=engine.config.hostname,
+            message_size=writer.size,
+            message_sha256=writer.sha256,
+            verdicts=dict(DISABLED_VERDICTS),
+        )
+        started = time.monotonic()
+        try:
+            writer.commit(job)
+        except SpoolError as exc:
+            self.rt.metrics.messages.labels("tempfail").inc()
+            self.rt.metrics.spool_failures.inc()
+            self._log(logging.ERROR, "eom", message_id=job.message_id, result="tempfail",
+                      error=exc)
+            return EomResult(TEMPFAIL_SPOOL)
+        m = self.rt.metrics
+        m.spool_seconds.observe(time.monotonic() - started)
+        m.messages.labels("spooled").inc()
+        m.received_bytes.inc(job.message_size)
+        m.billing_chunks.inc(max(1, -(-job.message_size // BILLING_CHUNK)))
+        m.message_size.observe(job.message_size)
+        for p in plan:
+            m.rule_matches.labels(p.rule.name).inc()
+        consume = engine.config.delivery == "consume"
+        others = [d for d in msg.decisions if d.outcome == "unmanaged"]
+        discard = consume and not others
+        delete = tuple(d.recipient for d in msg.handled) if consume and others else ()
+        self._log(logging.INFO, "eom", message_id=job.message_id, sender=msg.sender,
+                  rcpts=len(recipients), rules=",".join(p.rule.name for p in plan),
+                  size=job.message_size, result="spooled",
+                  delivery="discard" if discard else ("partial" if delete else "deliver"),
+                  ms=int((time.monotonic() - msg.started) * 1000))
+        return EomResult(CONTINUE, tuple(headers), delete, discard, job.message_id)
+
+    def _writer_for(self, msg: _Message) -> JobWriter | None:
+        """A message with no header or body callbacks at all still gets a file."""
+        self.msg = msg
+        try:
+            return self._writer()
+        finally:
+            self.msg = None
+
+    def abort(self) -> None:
+        """The current message is gone (RSET, QUIT, a reject): forget its spool file."""
+        if self.msg is not None and self.msg.writer is not None:
+            self.msg.writer.abort()
+        self.msg = None
+
+    def deferred_error(self, stage: str, exc: BaseException) -> None:
+        """An exception where Postfix expects no reply: fail the message at EOM."""
+        self.rt.metrics.errors.labels(stage).inc()
+        log.error("internal error conn=%s queue_id=%s stage=%s: %r",
+                  self.conn_id, self.queue_id, stage, exc, exc_info=exc)
+        if self.msg is not None:
+            if self.msg.writer is not None:
+                self.msg.writer.abort()
+                self.msg.writer = None
+            self.msg.failed = TEMPFAIL_INTERNAL
+
+    def error(self, stage: str, exc: BaseException) -> Reply:
+        """An unexpected exception at the adapter edge: log, count, tempfail."""
+        self.rt.metrics.errors.labels(stage).inc()
+        log.error("internal error conn=%s queue_id=%s stage=%s: %r",
+                  self.conn_id, self.queue_id, stage, exc, exc_info=exc)
+        self.abort()
+        return TEMPFAIL_INTERNAL
+
+
+def _bare(address: str) -> str:
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        return address[1:-1]
+    return address
+
+
+def _crlf(value: bytes) -> bytes:
+    """Folded header values use CRLF, like the body Postfix sends."""
+    return value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def _quote(value: object) -> str:
+    """key=value logging: bare when safe, else a JSON string (escapes control bytes)."""
+    text = str(value)
+    if text and text.isprintable() and not any(c in text for c in ' "=\\'):
+        return text
+    return json.dumps(text, ensure_ascii=False)

@@ -1,0 +1,145 @@
+"""mxrules -- Amazon SES email receiving for your own Postfix.
+
+SYNOPSIS
+    mxrules [--config PATH] COMMAND [ARGS]
+
+COMMANDS
+    milter          run the milter Postfix talks to (smtpd_milters)
+    check-config    check the config; exit 0, or 78 listing every problem
+    explain         dry-run one SMTP transaction against the config
+    import-ses      print SES JSON exports as mxrules YAML
+
+CONFIGURATION
+    /etc/mxrules/mxrules.yaml, or --config PATH (before or after the command).
+
+DIAGNOSTICS
+    Exit status 0 on success, 78 (EX_CONFIG) for a bad config, 64 for bad usage,
+    65 for bad input data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+import yaml
+
+from . import config as config_mod
+from . import ses
+from .decision import Engine
+from .errors import EX_CONFIG, EX_DATAERR, EX_USAGE, ConfigError
+from .explain import Transaction, explain, render
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", "-c", default=argparse.SUPPRESS, metavar="PATH",
+                        help=f"config file (default {config_mod.DEFAULT_PATH})")
+    top = argparse.ArgumentParser(
+        prog="mxrules", parents=[common],
+        description="Amazon SES email receiving (receipt rules, IP filters, actions) "
+                    "for your own Postfix.")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    sub.add_parser("milter", parents=[common], help="run the milter Postfix talks to",
+                   description="Run the milter: decide at connect and RCPT, spool at end "
+                               "of data. Reloads the config when its files change or on "
+                               "SIGUSR1.")
+    sub.add_parser("check-config", parents=[common], help="check the config and exit",
+                   description="Check the config; print every problem as "
+                               "'file:line: path: what is wrong' and exit 78, or exit 0.")
+
+    ex = sub.add_parser("explain", parents=[common], help="dry-run one SMTP transaction",
+                        description="Show what the milter would do with one transaction: "
+                                    "the IP filter decision, each recipient's rules and "
+                                    "SMTP reply, and the action plan.")
+    ex.add_argument("--client-ip", required=True, help="the SMTP client's address")
+    ex.add_argument("--helo", default="", help="the HELO/EHLO name")
+    ex.add_argument("--from", dest="sender", required=True, metavar="ADDR",
+                    help="envelope sender ('' for the null sender)")
+    ex.add_argument("--rcpt", nargs="+", required=True, metavar="ADDR",
+                    help="envelope recipients")
+    ex.add_argument("--tls", action="store_true", help="the session uses STARTTLS")
+    ex.add_argument("--size", type=int, help="the SIZE= the client announces")
+    ex.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    imp = sub.add_parser("import-ses", help="print SES exports as mxrules YAML",
+                         description="Convert `aws ses describe-active-receipt-rule-set` "
+                                     "(and optionally `aws ses list-receipt-filters`) output "
+                                     "to mxrules YAML on standard output.")
+    imp.add_argument("rule_set", metavar="RULESET.json")
+    imp.add_argument("filters", nargs="?", metavar="FILTERS.json")
+    return top
+
+
+def _load(args: argparse.Namespace) -> config_mod.Config:
+    return config_mod.load(getattr(args, "config", config_mod.DEFAULT_PATH))
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    sets = ", ".join(f"{n} ({len(rs.rules)} rules)" for n, rs in cfg.rule_sets.items()) or "none"
+    print(f"{cfg.path}: ok")
+    print(f"  rule sets: {sets}; active: {cfg.active_rule_set or 'none'}")
+    print(f"  managed domains: {', '.join(cfg.domains) or 'none'}")
+    print(f"  ip filters: {len(cfg.ip_filters)}; blocklist entries: {len(cfg.blocklist)}")
+    print(f"  delivery: {cfg.delivery}; spool: {cfg.spool_directory}")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    engine = Engine(_load(args))
+    tx = Transaction(args.client_ip, args.sender, tuple(args.rcpt), args.helo, args.tls,
+                     args.size)
+    try:
+        result = explain(engine, tx)
+    except ValueError as exc:
+        print(f"mxrules explain: {exc}", file=sys.stderr)
+        return EX_USAGE
+    print(json.dumps(result, indent=2) if args.json else render(result))
+    return 0
+
+
+def import_ses(rule_set_path: str, filters_path: str | None) -> str:
+    """The YAML equivalent of SES exports (what `import-ses` prints)."""
+    name, rules = ses.rule_set_from_ses(ses.read_json(rule_set_path), rule_set_path)
+    doc: dict[str, object] = {"active_rule_set": name, "rule_sets": {name: rules}}
+    if filters_path:
+        doc["ip_filters"] = ses.filters_from_ses(ses.read_json(filters_path), filters_path)
+    # Check the result as the milter would, so a bad export fails here, not later.
+    text = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=100)
+    config_mod.load("import-ses.yaml", text)
+    sources = rule_set_path + (f" and {filters_path}" if filters_path else "")
+    return f"# mxrules rules converted from the SES export {sources}\n{text}"
+
+
+def cmd_import_ses(args: argparse.Namespace) -> int:
+    sys.stdout.write(import_ses(args.rule_set, args.filters))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "milter":
+            from mxrules.milter.daemon import run
+            return run(getattr(args, "config", config_mod.DEFAULT_PATH))
+        if args.command == "check-config":
+            return cmd_check_config(args)
+        if args.command == "explain":
+            return cmd_explain(args)
+        if args.command == "import-ses":
+            return cmd_import_ses(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EX_CONFIG
+    except BrokenPipeError:
+        return EX_DATAERR
+    return EX_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

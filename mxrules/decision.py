@@ -1,0 +1,179 @@
+"""The pure decision core: client, envelope and TLS facts in, verdicts out.
+
+It imports neither pymilter nor boto3: the milter adapter and `mxrules
+explain` both ask the same `Engine`, so a dry run says exactly what the live
+milter would do.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from .ipfilter import FilterDecision, IpFilterTable, IPAddress
+from .matching import ManagedDomains, RecipientIndex, split_address
+from .rules import AddHeaderAction, LambdaAction, Rule, RuleSet, StopAction
+
+if TYPE_CHECKING:
+    from .config import Config
+
+Verb = Literal["continue", "reject", "tempfail"]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """What the milter tells Postfix: go on, or an SMTP reply to give."""
+
+    verb: Verb
+    code: str = "250"
+    xcode: str = "2.0.0"
+    text: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.code} {self.xcode} {self.text}".rstrip()
+
+
+CONTINUE = Reply("continue")
+TEMPFAIL_INTERNAL = Reply("tempfail", "451", "4.3.0", "Temporary local problem, try again later")
+TEMPFAIL_SPOOL = Reply(
+    "tempfail", "451", "4.3.0", "Temporary failure storing the message, try again later"
+)
+TOO_BIG = Reply("reject", "552", "5.3.4", "Message size exceeds fixed maximum message size")
+
+
+@dataclass(frozen=True)
+class ConnectDecision:
+    client: str
+    filters: FilterDecision
+    reply: Reply
+
+
+@dataclass(frozen=True)
+class RcptDecision:
+    """The fate of one envelope recipient."""
+
+    recipient: str
+    outcome: Literal["unmanaged", "accepted", "no-rule", "no-rule-set", "tls-required"]
+    rules: tuple[str, ...]  # names of the matching enabled rules, in rule-set order
+    reply: Reply
+
+    @property
+    def handled(self) -> bool:
+        """True when mxrules takes the recipient (its rules' actions will run)."""
+        return self.outcome == "accepted"
+
+
+@dataclass(frozen=True)
+class RulePlan:
+    """One matched rule and the envelope recipients it matched."""
+
+    rule: Rule
+    recipients: tuple[str, ...]
+
+
+class Engine:
+    """A config compiled for fast decisions.  Immutable: a reload builds a new one."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.filters = IpFilterTable(config.ip_filters, config.blocklist)
+        self.domains = ManagedDomains(config.domains)
+        self.trusted = [ipaddress.ip_network(c, strict=False) for c in config.trusted_forwarders]
+        self.rule_set: RuleSet | None = (
+            config.rule_sets.get(config.active_rule_set) if config.active_rule_set else None
+        )
+        rules = self.rule_set.rules if self.rule_set else ()
+        self.index = RecipientIndex(rules, case_sensitive_local=config.local_part_case_sensitive)
+
+    # -- connect ---------------------------------------------------------
+    def is_trusted_forwarder(self, addr: IPAddress) -> bool:
+        return any(addr in net for net in self.trusted)
+
+    def connect(self, addr: IPAddress) -> ConnectDecision:
+        decision = self.filters.decide(addr)
+        if decision.allowed:
+            return ConnectDecision(str(addr), decision, CONTINUE)
+        text = (
+            f"Client host [{addr}] blocked using local blocklist"
+            if decision.reason == "blocklist"
+            else f"Client host [{addr}] blocked by IP address filter"
+        )
+        return ConnectDecision(str(addr), decision, Reply("reject", "554", "5.7.1", text))
+
+    # -- MAIL FROM -------------------------------------------------------
+    def mail(self, size: int | None) -> Reply:
+        if size is not None and size > self.config.max_message_size:
+            return TOO_BIG
+        return CONTINUE
+
+    # -- RCPT TO ---------------------------------------------------------
+    def rcpt(self, recipient: str, *, tls: bool) -> RcptDecision:
+        parts = split_address(recipient)
+        if parts is None or parts[1] not in self.domains:
+            return RcptDecision(recipient, "unmanaged", (), CONTINUE)
+        if self.rule_set is None:
+            reply = Reply(
+                "reject", "550", "5.1.1", f"<{bare(recipient)}>: Recipient address rejected: "
+                "no active rule set",
+            )
+            return RcptDecision(recipient, "no-rule-set", (), reply)
+        rules = [self.rule_set.rules[i] for i in self.index.match(recipient)]
+        names = tuple(r.name for r in rules)
+        if not rules:
+            reply = Reply(
+                "reject", "550", "5.1.1", f"<{bare(recipient)}>: Recipient address rejected: "
+                "User unknown",
+            )
+            return RcptDecision(recipient, "no-rule", (), reply)
+        if not tls and any(r.tls_policy == "Require" for r in rules):
+            reply = Reply("reject", "530", "5.7.0", "Must issue a STARTTLS command first")
+            return RcptDecision(recipient, "tls-required", names, reply)
+        return RcptDecision(recipient, "accepted", names, CONTINUE)
+
+    # -- the message -----------------------------------------------------
+    def plan(self, accepted: Sequence[RcptDecision]) -> list[RulePlan]:
+        """Every matched rule, in rule-set order, with the recipients it matched."""
+        if self.rule_set is None:
+            return []
+        matched: dict[str, list[str]] = {}
+        for decision in accepted:
+            if decision.handled:
+                for name in decision.rules:
+                    matched.setdefault(name, []).append(decision.recipient)
+        return [
+            RulePlan(rule, tuple(matched[rule.name]))
+            for rule in self.rule_set.rules
+            if rule.name in matched
+        ]
+
+    def scan_wanted(self, plan: Sequence[RulePlan]) -> bool:
+        return any(p.rule.scan_enabled for p in plan)
+
+
+def in_stream_headers(plan: Sequence[RulePlan]) -> list[tuple[str, str]]:
+    """The AddHeader actions the milter can apply before Postfix's 250.
+
+    Actions run in rule-set order.  A Stop ends everything after it; a
+    RequestResponse Lambda may stop the rule or the rule set, which is known
+    only once it answers (in the worker), so the in-stream copy gets only the
+    headers that precede it (SPEC §6).
+    """
+    headers: list[tuple[str, str]] = []
+    for item in plan:
+        for action in item.rule.actions:
+            if isinstance(action, AddHeaderAction):
+                headers.append((action.header_name, action.header_value))
+            elif isinstance(action, StopAction):
+                return headers
+            elif isinstance(action, LambdaAction) and action.invocation_type == "RequestResponse":
+                return headers
+    return headers
+
+
+def bare(address: str) -> str:
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        return address[1:-1]
+    return address

@@ -1,0 +1,175 @@
+"""`mxrules explain`: a dry run of one SMTP transaction against the config.
+
+It asks the same `Engine` the milter asks, so what it prints is what the live
+milter would do: which filter decided the connection, which rules matched
+each recipient, the replies Postfix would give, and the actions that would
+run, in order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .decision import Engine, RcptDecision, RulePlan, in_stream_headers
+from .ipfilter import parse_ip
+from .rules import (
+    Action,
+    AddHeaderAction,
+    BounceAction,
+    LambdaAction,
+    S3Action,
+    SNSAction,
+    StopAction,
+)
+
+
+@dataclass(frozen=True)
+class Transaction:
+    client_ip: str
+    sender: str
+    recipients: tuple[str, ...]
+    helo: str = ""
+    tls: bool = False
+    size: int | None = None
+
+
+def describe_action(action: Action) -> str:
+    if isinstance(action, AddHeaderAction):
+        text = f"AddHeader {action.header_name}: {action.header_value}"
+    elif isinstance(action, S3Action):
+        text = f"S3 put s3://{action.bucket_name}/{action.object_key_prefix or ''}<messageId>"
+        if action.kms_key_arn:
+            text += f" (SSE-KMS {action.kms_key_arn})"
+    elif isinstance(action, SNSAction):
+        text = f"SNS publish to {action.topic_arn} (content {action.encoding})"
+    elif isinstance(action, LambdaAction):
+        text = f"Lambda {action.function_arn} ({action.invocation_type})"
+    elif isinstance(action, BounceAction):
+        status = f" {action.status_code}" if action.status_code else ""
+        text = (f"Bounce {action.smtp_reply_code}{status} \"{action.message}\" "
+                f"from {action.sender} to the envelope sender")
+    elif isinstance(action, StopAction):
+        text = "Stop (ends the rule set)"
+    else:  # pragma: no cover - every action type is listed above
+        text = action.TYPE
+    if action.topic_arn and not isinstance(action, SNSAction):
+        text += f"; notify {action.topic_arn}"
+    return text
+
+
+def explain(engine: Engine, tx: Transaction) -> dict[str, Any]:
+    """The whole dry run as plain data (what `--json` prints)."""
+    cfg = engine.config
+    out: dict[str, Any] = {
+        "config": cfg.path,
+        "active_rule_set": cfg.active_rule_set,
+        "client": {"ip": tx.client_ip, "helo": tx.helo, "tls": tx.tls},
+    }
+    addr = parse_ip(tx.client_ip)
+    trusted = engine.is_trusted_forwarder(addr)
+    conn = engine.connect(addr)
+    out["connect"] = {
+        "result": "accept" if conn.reply.verb == "continue" else "reject",
+        "decided_by": conn.filters.reason,
+        "filter": conn.filters.name,
+        "cidr": conn.filters.cidr,
+        "why": conn.filters.describe(),
+        "reply": None if conn.reply.verb == "continue" else str(conn.reply),
+        "trusted_forwarder": trusted,
+    }
+    if conn.reply.verb != "continue":
+        return out
+    mail = engine.mail(tx.size)
+    out["mail"] = {"sender": tx.sender, "size": tx.size,
+                   "reply": None if mail.verb == "continue" else str(mail)}
+    if mail.verb != "continue":
+        return out
+    decisions: list[RcptDecision] = [engine.rcpt(r, tls=tx.tls) for r in tx.recipients]
+    out["recipients"] = [
+        {"recipient": d.recipient, "outcome": d.outcome, "rules": list(d.rules),
+         "reply": None if d.reply.verb == "continue" else str(d.reply)}
+        for d in decisions
+    ]
+    plan: list[RulePlan] = engine.plan(decisions)
+    out["plan"] = [
+        {"rule": p.rule.name, "recipients": list(p.recipients), "scan": p.rule.scan_enabled,
+         "actions": [{"type": a.TYPE, "describe": describe_action(a), **a.to_config()}
+                     for a in p.rule.actions]}
+        for p in plan
+    ]
+    out["scans"] = engine.scan_wanted(plan)
+    out["in_stream_headers"] = [list(h) for h in in_stream_headers(plan)]
+    handled = [d for d in decisions if d.handled]
+    others = [d for d in decisions if d.outcome == "unmanaged"]
+    if not handled:
+        delivery = "not spooled: no recipient is handled by mxrules"
+    elif cfg.delivery == "deliver":
+        delivery = "deliver: spooled, and Postfix also delivers its copy as usual"
+    elif others:
+        delivery = ("consume: spooled; handled recipients removed from Postfix's copy, "
+                    "which goes on for the others")
+    else:
+        delivery = "consume: spooled; Postfix's copy is discarded"
+    out["delivery"] = delivery
+    return out
+
+
+def render(result: dict[str, Any]) -> str:
+    """The dry run for a person."""
+    lines: list[str] = []
+    c = result["client"]
+    lines.append(f"config {result['config']}, active rule set: "
+                 f"{result['active_rule_set'] or '(none: every managed recipient is rejected)'}")
+    lines.append("")
+    tls = "yes" if c["tls"] else "no"
+    lines.append(f"CONNECT from [{c['ip']}]" + (f" HELO {c['helo']}" if c["helo"] else "")
+                 + f" TLS {tls}")
+    conn = result["connect"]
+    if conn["trusted_forwarder"]:
+        lines.append("  a trusted forwarder: send the original client with XCLIENT")
+    if conn["result"] == "reject":
+        lines.append(f"  REJECT {conn['reply']}")
+        lines.append(f"  decided by: {conn['why']}")
+        return "\n".join(lines)
+    lines.append(f"  accept: {conn['why']}")
+    mail = result["mail"]
+    lines.append(f"MAIL FROM:<{mail['sender']}>" + (f" SIZE={mail['size']}" if mail["size"]
+                                                    else ""))
+    if mail["reply"]:
+        lines.append(f"  REJECT {mail['reply']}")
+        return "\n".join(lines)
+    lines.append("  accept")
+    for r in result["recipients"]:
+        lines.append(f"RCPT TO:<{r['recipient'].strip('<>')}>")
+        if r["outcome"] == "unmanaged":
+            lines.append("  not a managed domain: left to Postfix, untouched")
+        elif r["outcome"] == "accepted":
+            lines.append(f"  accept: matched by {', '.join(r['rules'])}")
+        else:
+            lines.append(f"  REJECT {r['reply']}")
+            why = {
+                "no-rule": "no enabled rule of the active rule set matches it",
+                "no-rule-set": "there is no active rule set",
+                "tls-required": f"rule {', '.join(r['rules'])} requires TLS (tls_policy: "
+                                "Require) and this session is not encrypted",
+            }[r["outcome"]]
+            lines.append(f"  because {why}")
+    lines.append("")
+    if not result["plan"]:
+        lines.append("No rule runs.")
+    else:
+        lines.append("Actions, in the order they run:")
+        for p in result["plan"]:
+            scan = ", scans on" if p["scan"] else ""
+            lines.append(f"  rule {p['rule']} (recipients: {', '.join(p['recipients'])}{scan})")
+            if not p["actions"]:
+                lines.append("    (no actions)")
+            for i, a in enumerate(p["actions"], 1):
+                lines.append(f"    {i}. {a['describe']}")
+    if result["in_stream_headers"]:
+        added = ", ".join(f"{n}: {v}" for n, v in result["in_stream_headers"])
+        lines.append(f"Headers added to Postfix's copy at end of data: {added}")
+    lines.append(f"Scans: {'yes (a matched rule has scan_enabled)' if result['scans'] else 'no'}")
+    lines.append(f"Delivery: {result['delivery']}")
+    return "\n".join(lines)

@@ -1,0 +1,158 @@
+"""The receipt-rule model: rule sets, rules, actions and IP filters.
+
+Plain frozen dataclasses, the same whether a rule came from mxrules' YAML
+(SES field names in snake_case) or from an SES JSON export (CamelCase).  A job
+in the spool carries a snapshot of its matched rules in the YAML form
+(`to_config`), so the rule set in force at accept governs every later action.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+TlsPolicy = Literal["Require", "Optional"]
+
+
+def camel(snake: str) -> str:
+    """`bucket_name` -> `BucketName`: SES's API spelling of a field."""
+    return "".join(part.capitalize() for part in snake.split("_"))
+
+
+@dataclass(frozen=True)
+class Action:
+    """Base of every action; subclasses name their YAML key and SES type."""
+
+    KEY: ClassVar[str]  # YAML key: `- s3: {...}`
+    TYPE: ClassVar[str]  # SES `receipt.action.type`
+    topic_arn: str | None = None
+
+    @property
+    def ses_name(self) -> str:
+        """The SES export's wrapper key, e.g. `S3Action`."""
+        return self.TYPE + "Action"
+
+    def to_config(self) -> dict[str, Any]:
+        body = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if getattr(self, f.name) is not None
+        }
+        return {self.KEY: body}
+
+
+@dataclass(frozen=True)
+class AddHeaderAction(Action):
+    KEY: ClassVar[str] = "add_header"
+    TYPE: ClassVar[str] = "AddHeader"
+    header_name: str = ""
+    header_value: str = ""
+
+
+@dataclass(frozen=True)
+class S3Action(Action):
+    KEY: ClassVar[str] = "s3"
+    TYPE: ClassVar[str] = "S3"
+    bucket_name: str = ""
+    object_key_prefix: str | None = None
+    kms_key_arn: str | None = None
+
+
+@dataclass(frozen=True)
+class SNSAction(Action):
+    KEY: ClassVar[str] = "sns"
+    TYPE: ClassVar[str] = "SNS"
+    encoding: str = "UTF-8"
+
+
+@dataclass(frozen=True)
+class LambdaAction(Action):
+    KEY: ClassVar[str] = "lambda"
+    TYPE: ClassVar[str] = "Lambda"
+    function_arn: str = ""
+    invocation_type: str = "Event"
+
+
+@dataclass(frozen=True)
+class BounceAction(Action):
+    KEY: ClassVar[str] = "bounce"
+    TYPE: ClassVar[str] = "Bounce"
+    smtp_reply_code: str = ""
+    status_code: str | None = None
+    message: str = ""
+    sender: str = ""
+
+
+@dataclass(frozen=True)
+class StopAction(Action):
+    KEY: ClassVar[str] = "stop"
+    TYPE: ClassVar[str] = "Stop"
+    scope: str = "RuleSet"
+
+
+ACTION_TYPES: dict[str, type[Action]] = {
+    cls.KEY: cls
+    for cls in (AddHeaderAction, S3Action, SNSAction, LambdaAction, BounceAction, StopAction)
+}
+
+
+def action_from_config(item: dict[str, Any]) -> Action:
+    """Build an action from its YAML form `{key: {field: value}}` (already validated)."""
+    ((key, body),) = item.items()
+    cls = ACTION_TYPES[key]
+    return cls(**(body or {}))
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    enabled: bool = False  # SES's default, kept: a rule runs only when switched on
+    recipients: tuple[str, ...] = ()
+    tls_policy: TlsPolicy = "Optional"
+    scan_enabled: bool = False
+    actions: tuple[Action, ...] = ()
+
+    def to_config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "enabled": self.enabled,
+            "recipients": list(self.recipients),
+            "tls_policy": self.tls_policy,
+            "scan_enabled": self.scan_enabled,
+            "actions": [a.to_config() for a in self.actions],
+        }
+
+    @classmethod
+    def from_config(cls, raw: dict[str, Any]) -> Rule:
+        return cls(
+            name=raw["name"],
+            enabled=bool(raw.get("enabled", False)),
+            recipients=tuple(raw.get("recipients") or ()),
+            tls_policy=raw.get("tls_policy", "Optional"),
+            scan_enabled=bool(raw.get("scan_enabled", False)),
+            actions=tuple(action_from_config(a) for a in raw.get("actions") or ()),
+        )
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    name: str
+    rules: tuple[Rule, ...] = ()
+
+
+@dataclass(frozen=True)
+class IpFilter:
+    name: str
+    policy: Literal["Allow", "Block"]
+    cidr: str
+
+
+@dataclass(frozen=True)
+class Limits:
+    """SES's limits, enforced as config errors; raisable for a self-hosted MX."""
+
+    rules_per_rule_set: int = 200
+    recipients_per_rule: int = 100
+    actions_per_rule: int = 10
+    ip_filters: int = 100

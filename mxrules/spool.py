@@ -1,0 +1,287 @@
+"""The spool: the one contract between the milter and the worker.
+
+Modelled on Postfix's queue: one directory per state, a job moves between
+states by rename(2), data is fsync'd before the hand-off, and damaged jobs are
+moved aside, never deleted.
+
+    tmp/        jobs being received (the milter's; never read by a worker)
+    incoming/   committed jobs waiting for a worker
+    active/     jobs a worker has claimed
+    deferred/   jobs waiting for a retry
+    failed/     dead letters, kept until an operator acts
+    corrupt/    jobs that cannot be decoded
+
+A job is a directory named by its messageId holding `message` (the raw message
+exactly as received, CRLF line ends) and `job.json` (everything else: the
+envelope, client facts, verdicts, the matched rules and their recipients, the
+headers added in-stream, progress).  The message file is written once; the
+small job.json is the part that changes, always by write-fsync-rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from typing import Any
+
+from .errors import CorruptJobError, SpoolError
+from .ids import is_message_id
+from .rules import Rule
+
+JOB_VERSION = 1
+STATES = ("incoming", "active", "deferred", "failed", "corrupt")
+MESSAGE = "message"
+META = "job.json"
+
+
+def ses_timestamp(when: datetime | None = None) -> str:
+    """SES's timestamp form: `2026-01-01T00:00:00.000Z`."""
+    when = when or datetime.now(UTC)
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+
+
+@dataclass(frozen=True)
+class Client:
+    address: str
+    hostname: str = ""  # Postfix's reverse name, or "unknown"
+    helo: str = ""
+    tls_version: str = ""  # empty: not over TLS
+    tls_cipher: str = ""
+    forwarded_by: str = ""  # the trusted forwarder the mail came through, if any
+
+
+@dataclass(frozen=True)
+class MatchedRule:
+    rule: Rule
+    recipients: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where the worker is; persisted after each action so a crash re-runs one."""
+
+    rule: int = 0  # index into Job.rules
+    action: int = 0  # index into that rule's actions
+    attempts: int = 0  # attempts of the current action
+    first_attempt_at: float | None = None
+    next_due: float = 0.0
+    last_error: str = ""
+    stopped: str = ""  # "" | "rule_set": a Stop or a STOP_RULE_SET ended the job
+    done: tuple[str, ...] = ()  # one line per finished action, for operators
+
+
+@dataclass(frozen=True)
+class Job:
+    message_id: str
+    queue_id: str
+    received_at: str  # SES timestamp
+    rule_set: str
+    mail_from: str  # envelope sender without <>; "" for the null sender
+    recipients: tuple[str, ...]  # every handled envelope recipient
+    client: Client
+    rules: tuple[MatchedRule, ...]
+    in_stream_headers: tuple[tuple[str, str], ...]  # what the milter added to Postfix's copy
+    hostname: str  # this MX's name at accept time
+    message_size: int
+    message_sha256: str
+    verdicts: dict[str, str] = field(default_factory=dict)
+    progress: Progress = field(default_factory=Progress)
+    version: int = JOB_VERSION
+
+    def encode(self) -> bytes:
+        body = _to_json(self)
+        text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        check = hashlib.sha256(text.encode("utf-8")).hexdigest()
+        return json.dumps({"job": body, "sha256": check}, ensure_ascii=False,
+                          sort_keys=True, indent=1).encode("utf-8") + b"\n"
+
+    @classmethod
+    def decode(cls, raw: bytes, job_id: str = "?") -> Job:
+        try:
+            outer = json.loads(raw.decode("utf-8"))
+            body = outer["job"]
+            text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+            if hashlib.sha256(text.encode("utf-8")).hexdigest() != outer["sha256"]:
+                raise CorruptJobError(job_id, "checksum mismatch")
+            if body.get("version") != JOB_VERSION:
+                raise CorruptJobError(job_id, f"unknown job version {body.get('version')!r}")
+            return _from_json(body)
+        except CorruptJobError:
+            raise
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CorruptJobError(job_id, f"cannot decode job.json: {exc!r}") from None
+
+
+def _to_json(job: Job) -> dict[str, Any]:
+    out = asdict(job)
+    out["rules"] = [{"rule": m.rule.to_config(), "recipients": list(m.recipients)}
+                    for m in job.rules]
+    out["in_stream_headers"] = [list(h) for h in job.in_stream_headers]
+    return out
+
+
+def _from_json(body: dict[str, Any]) -> Job:
+    progress = body.get("progress") or {}
+    return Job(
+        message_id=body["message_id"],
+        queue_id=body["queue_id"],
+        received_at=body["received_at"],
+        rule_set=body["rule_set"],
+        mail_from=body["mail_from"],
+        recipients=tuple(body["recipients"]),
+        client=Client(**body["client"]),
+        rules=tuple(MatchedRule(Rule.from_config(m["rule"]), tuple(m["recipients"]))
+                    for m in body["rules"]),
+        in_stream_headers=tuple((n, v) for n, v in body["in_stream_headers"]),
+        hostname=body["hostname"],
+        message_size=body["message_size"],
+        message_sha256=body["message_sha256"],
+        verdicts=dict(body.get("verdicts") or {}),
+        progress=Progress(**{**progress, "done": tuple(progress.get("done", ()))}),
+        version=body["version"],
+    )
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class JobWriter:
+    """One message being received: streamed to tmp/, committed by rename.
+
+    Memory stays flat whatever the message size: chunks go straight to the
+    file, and the hash and size are computed as they pass.
+    """
+
+    def __init__(self, spool: Spool, message_id: str) -> None:
+        self.spool = spool
+        self.message_id = message_id
+        self.dir = os.path.join(spool.root, "tmp", message_id)
+        self.size = 0
+        self._hash = hashlib.sha256()
+        os.mkdir(self.dir, 0o700)
+        try:
+            self._fh = open(os.path.join(self.dir, MESSAGE), "xb")  # noqa: SIM115
+        except OSError:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
+
+    def write(self, data: bytes) -> None:
+        self._fh.write(data)
+        self._hash.update(data)
+        self.size += len(data)
+
+    @property
+    def sha256(self) -> str:
+        return self._hash.hexdigest()
+
+    def commit(self, job: Job) -> str:
+        """Make the job durable and visible to workers; returns its path.
+
+        Order matters: file data, then job.json, then the job directory, then
+        the rename into incoming/ and the fsync of both parent directories.
+        Only after all of them may Postfix answer 250.
+        """
+        try:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            meta = os.path.join(self.dir, META)
+            with open(meta, "xb") as fh:
+                fh.write(job.encode())
+                fh.flush()
+                os.fsync(fh.fileno())
+            _fsync_dir(self.dir)
+            target = os.path.join(self.spool.root, "incoming", self.message_id)
+            os.rename(self.dir, target)
+            _fsync_dir(os.path.join(self.spool.root, "incoming"))
+            _fsync_dir(os.path.join(self.spool.root, "tmp"))
+            return target
+        except OSError as exc:
+            self.abort()
+            raise SpoolError(f"cannot commit job {self.message_id}: {exc}") from exc
+
+    def abort(self) -> None:
+        """Forget a message that will not be accepted (or whose commit failed)."""
+        if not self._fh.closed:
+            self._fh.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Spool:
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    def ensure(self) -> None:
+        """Create the state directories (again, if an operator removed them)."""
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        for sub in ("tmp", *STATES):
+            os.makedirs(os.path.join(self.root, sub), mode=0o700, exist_ok=True)
+
+    def new_job(self, message_id: str) -> JobWriter:
+        try:
+            self.ensure()
+            return JobWriter(self, message_id)
+        except OSError as exc:
+            raise SpoolError(f"cannot create job {message_id} in {self.root}: {exc}") from exc
+
+    def path(self, state: str, job_id: str) -> str:
+        return os.path.join(self.root, state, job_id)
+
+    def ids(self, state: str) -> list[str]:
+        try:
+            names = os.listdir(os.path.join(self.root, state))
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if is_message_id(n))
+
+    def find(self, job_id: str) -> str | None:
+        """The state a job is in, or None."""
+        for state in STATES:
+            if os.path.isdir(self.path(state, job_id)):
+                return state
+        return None
+
+    def load(self, state: str, job_id: str) -> Job:
+        try:
+            with open(os.path.join(self.path(state, job_id), META), "rb") as fh:
+                raw = fh.read()
+        except FileNotFoundError:
+            raise CorruptJobError(job_id, "job.json is missing") from None
+        return Job.decode(raw, job_id)
+
+    def message_path(self, state: str, job_id: str) -> str:
+        return os.path.join(self.path(state, job_id), MESSAGE)
+
+    def jobs(self, state: str) -> Iterator[tuple[str, Job | CorruptJobError]]:
+        for job_id in self.ids(state):
+            try:
+                yield job_id, self.load(state, job_id)
+            except CorruptJobError as exc:
+                yield job_id, exc
+
+    def clean_tmp(self, older_than: float, now: float) -> int:
+        """Remove receptions abandoned by a milter that died mid-DATA."""
+        removed = 0
+        for name in self.ids("tmp"):
+            path = os.path.join(self.root, "tmp", name)
+            try:
+                if now - os.stat(path).st_mtime > older_than:
+                    shutil.rmtree(path)
+                    removed += 1
+            except OSError:
+                continue
+        return removed
+
+
+def with_progress(job: Job, **changes: Any) -> Job:
+    return replace(job, progress=replace(job.progress, **changes))
