@@ -7,13 +7,18 @@ libmilter creates it (Postfix, chrooted or not, must be able to reach it).
 
 from __future__ import annotations
 
+import importlib
 import os
+from typing import Any
 
 import Milter
-import milter as libmilter  # pymilter's C module
 
 from .adapter import MxrulesMilter
 from .session import Runtime
+
+# pymilter's C module, by name: static checkers that read this tree would
+# otherwise resolve `milter` to our own milter/ folder.
+libmilter: Any = importlib.import_module("milter")
 
 
 def serve(runtime: Runtime, listen: str, timeout: int, socket_mode: str | None) -> None:

@@ -68,7 +68,7 @@ class _Loader(yaml.SafeLoader):
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = False) -> Any:
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
-        key = loader.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+        key = loader.construct_object(key_node, deep=True)
         if key in seen:
             raise yaml.constructor.ConstructorError(
                 None, None,
@@ -93,9 +93,9 @@ def _line_of(root: yaml.Node | None, tokens: list[str | int]) -> int | None:
                 if k.value == token:
                     nxt = v
                     break
-        elif isinstance(node, yaml.SequenceNode) and isinstance(token, int):
-            if 0 <= token < len(node.value):
-                nxt = node.value[token]
+        elif (isinstance(node, yaml.SequenceNode) and isinstance(token, int)
+              and 0 <= token < len(node.value)):
+            nxt = node.value[token]
         if nxt is None:
             break
         node = nxt
@@ -123,7 +123,7 @@ def _validator(sub: str | None = None) -> jsonschema.protocols.Validator:
     full = schema()
     target = full if sub is None else {**full["$defs"][sub], "$defs": full["$defs"]}
     cls = jsonschema.validators.validator_for(full)
-    return cls(target)  # type: ignore[no-any-return]
+    return cls(target)
 
 
 def _explain(error: jsonschema.ValidationError) -> str:
@@ -188,8 +188,8 @@ def load(path: str = DEFAULT_PATH, text: str | None = None) -> Config:
         except UnicodeDecodeError as exc:
             raise ConfigError([ConfigProblem(path, "", f"not UTF-8 text: {exc}")]) from None
     try:
-        node = yaml.compose(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
-        data = yaml.load(text, Loader=_Loader)  # noqa: S506
+        node = yaml.compose(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path
@@ -231,9 +231,10 @@ def _build(path: str, data: dict[str, Any], node: yaml.Node | None) -> Config:
             problems.extend(exc.problems)
         else:
             ses_problems = []
-            for i, rule in enumerate(rules):
+            for i, ses_rule in enumerate(rules):
                 ses_problems += _schema_problems(
-                    rule, ses_file, None, sub="rule", spell=lambda t, i=i: ses.ses_path([i, *t]))
+                    ses_rule, ses_file, None, sub="rule",
+                    spell=lambda t, i=i: ses.ses_path([i, *t]))
             if name in raw_sets:
                 problem(["rule_set_file"], f"rule set {name!r} from {ses_file} "
                         "is also defined under rule_sets")
@@ -243,7 +244,7 @@ def _build(path: str, data: dict[str, Any], node: yaml.Node | None) -> Config:
                 origin[name] = ses_file
 
     rule_sets: dict[str, RuleSet] = {}
-    for set_name, raw_rules in raw_sets.items():
+    for set_name, rule_dicts in raw_sets.items():
         src = origin[set_name]
         prefix: list[str | int] = ["rule_sets", set_name]
 
@@ -253,13 +254,14 @@ def _build(path: str, data: dict[str, Any], node: yaml.Node | None) -> Config:
                 return here([*prefix, *tokens]), dotted([*prefix, *tokens])
             return src, ses.ses_path(tokens)
 
-        rules = [Rule.from_config(r) for r in raw_rules]
-        if len(rules) > limits.rules_per_rule_set:
+        rule_list = [Rule.from_config(r) for r in rule_dicts]
+        if len(rule_list) > limits.rules_per_rule_set:
             f, p = where([])
-            problems.append(ConfigProblem(f, p, f"{len(rules)} rules, more than the limit of "
-                                          f"{limits.rules_per_rule_set} (limits.rules_per_rule_set)"))
+            problems.append(ConfigProblem(
+                f, p, f"{len(rule_list)} rules, more than the limit of "
+                f"{limits.rules_per_rule_set} (limits.rules_per_rule_set)"))
         seen: dict[str, int] = {}
-        for i, rule in enumerate(rules):
+        for i, rule in enumerate(rule_list):
             if rule.name in seen:
                 f, p = where([i, "name"])
                 problems.append(ConfigProblem(f, p, f"duplicate rule name {rule.name!r} "
@@ -273,7 +275,7 @@ def _build(path: str, data: dict[str, Any], node: yaml.Node | None) -> Config:
                 f, p = where([i, "actions"])
                 problems.append(ConfigProblem(f, p, f"{len(rule.actions)} actions, more than "
                                               f"the limit of {limits.actions_per_rule}"))
-        rule_sets[set_name] = RuleSet(set_name, tuple(rules))
+        rule_sets[set_name] = RuleSet(set_name, tuple(rule_list))
 
     # Which rule set is active.
     active = data.get("active_rule_set")
@@ -303,10 +305,10 @@ def _build(path: str, data: dict[str, Any], node: yaml.Node | None) -> Config:
         domains = tuple(sorted(named))
 
     # IP filters: YAML, then an SES export; blocklists; forwarders.
-    filters = [IpFilter(**f) for f in data.get("ip_filters", [])]
-    for i, f in enumerate(filters):
+    filters = [IpFilter(**raw) for raw in data.get("ip_filters", [])]
+    for i, flt in enumerate(filters):
         try:
-            parse_cidr(f.cidr)
+            parse_cidr(flt.cidr)
         except ValueError as exc:
             problem(["ip_filters", i, "cidr"], f"not an address or CIDR: {exc}")
     if "ip_filter_file" in data:
@@ -317,24 +319,24 @@ def _build(path: str, data: dict[str, Any], node: yaml.Node | None) -> Config:
         except ConfigError as exc:
             problems.extend(exc.problems)
         else:
-            for i, raw in enumerate(raw_filters):
+            for i, raw_filter in enumerate(raw_filters):
                 sub = _schema_problems(
-                    {"ip_filters": [raw]}, filter_file, None,
+                    {"ip_filters": [raw_filter]}, filter_file, None,
                     spell=lambda t, i=i: f"Filters[{i}]" + "".join(
                         f".{ses_key(x)}" for x in t[2:]))
                 if not sub:
                     try:
-                        parse_cidr(raw["cidr"])
-                        filters.append(IpFilter(**raw))
+                        parse_cidr(raw_filter["cidr"])
+                        filters.append(IpFilter(**raw_filter))
                     except ValueError as exc:
                         sub.append(ConfigProblem(filter_file, f"Filters[{i}].IpFilter.Cidr",
                                                  f"not an address or CIDR: {exc}"))
                 problems.extend(sub)
     names: dict[str, int] = {}
-    for i, f in enumerate(filters):
-        if f.name in names:
-            problem(["ip_filters"], f"duplicate IP filter name {f.name!r}")
-        names.setdefault(f.name, i)
+    for i, flt in enumerate(filters):
+        if flt.name in names:
+            problem(["ip_filters"], f"duplicate IP filter name {flt.name!r}")
+        names.setdefault(flt.name, i)
     if len(filters) > limits.ip_filters:
         problem(["ip_filters"], f"{len(filters)} IP filters, more than the limit of "
                 f"{limits.ip_filters} (limits.ip_filters)")

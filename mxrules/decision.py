@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from .ipfilter import FilterDecision, IpFilterTable, IPAddress
+from .ipfilter import FilterDecision, IPAddress, IpFilterTable
 from .matching import ManagedDomains, RecipientIndex, split_address
 from .rules import AddHeaderAction, LambdaAction, Rule, RuleSet, StopAction
 
@@ -165,11 +165,13 @@ def in_stream_headers(plan: Sequence[RulePlan]) -> list[tuple[str, str]]:
         for action in item.rule.actions:
             if isinstance(action, AddHeaderAction):
                 headers.append((action.header_name, action.header_value))
-            elif isinstance(action, StopAction):
-                return headers
-            elif isinstance(action, LambdaAction) and action.invocation_type == "RequestResponse":
+            elif isinstance(action, StopAction) or _waits_for_disposition(action):
                 return headers
     return headers
+
+
+def _waits_for_disposition(action: object) -> bool:
+    return isinstance(action, LambdaAction) and action.invocation_type == "RequestResponse"
 
 
 def bare(address: str) -> str:

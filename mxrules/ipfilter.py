@@ -142,7 +142,8 @@ def load_blocklist(path: str, text: str | None = None) -> list[tuple[IPNetwork, 
             with open(path, encoding="utf-8", errors="replace") as fh:
                 text = fh.read()
         except OSError as exc:
-            raise ConfigError([ConfigProblem(path, "", f"cannot read blocklist: {exc.strerror}")])
+            problem = ConfigProblem(path, "", f"cannot read blocklist: {exc.strerror}")
+            raise ConfigError([problem]) from None
     entries: list[tuple[IPNetwork, str]] = []
     problems: list[ConfigProblem] = []
     for lineno, line in enumerate(text.splitlines(), 1):

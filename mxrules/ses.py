@@ -95,7 +95,8 @@ def _actions(value: Any, where: str, path: str, problems: list[ConfigProblem]) -
             continue
         if ses_name not in _SES_ACTIONS:
             known = ", ".join(sorted(_SES_ACTIONS))
-            problems.append(ConfigProblem(path, here, f"unknown action {ses_name!r} (known: {known})"))
+            problems.append(
+                ConfigProblem(path, here, f"unknown action {ses_name!r} (known: {known})"))
             continue
         if not isinstance(body, dict):
             problems.append(ConfigProblem(path, f"{here}.{ses_name}", "must be an object"))
@@ -138,7 +139,7 @@ def ses_path(tokens: list[str | int]) -> str:
 
 
 def _snake(name: str) -> str:
-    out = []
+    out: list[str] = []
     for ch in name:
         if ch.isupper() and out:
             out.append("_")
