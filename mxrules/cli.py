@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 
@@ -108,7 +109,13 @@ def import_ses(rule_set_path: str, filters_path: str | None) -> str:
     doc: dict[str, object] = {"active_rule_set": name, "rule_sets": {name: rules}}
     if filters_path:
         doc["ip_filters"] = ses.filters_from_ses(ses.read_json(filters_path), filters_path)
-    # Check the result as the milter would, so a bad export fails here, not later.
+    # Check the exports as the milter would load them (rule_set_file:), so a bad
+    # export fails here, named in SES's terms (`Rules[0].Actions[1].S3Action...`),
+    # not as lines of a YAML file that does not exist; then check the result.
+    refs = {"rule_set_file": os.path.abspath(rule_set_path)}
+    if filters_path:
+        refs["ip_filter_file"] = os.path.abspath(filters_path)
+    config_mod.load("import-ses.yaml", yaml.safe_dump(refs))
     text = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=100)
     config_mod.load("import-ses.yaml", text)
     sources = rule_set_path + (f" and {filters_path}" if filters_path else "")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -82,8 +83,12 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode, deep: bool = Fal
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
-def _line_of(root: yaml.Node | None, tokens: list[str | int]) -> int | None:
-    """The 1-based line of the YAML node at `tokens`, or of its nearest parent."""
+def _line_of(root: yaml.Node | None, tokens: list[str | int],
+             key: str | None = None) -> int | None:
+    """The 1-based line of the YAML node at `tokens`, or of its nearest parent.
+
+    With `key`, the line of that key in the mapping found (an unknown key).
+    """
     node = root
     line = node.start_mark.line + 1 if node is not None else None
     for token in tokens:
@@ -100,6 +105,10 @@ def _line_of(root: yaml.Node | None, tokens: list[str | int]) -> int | None:
             break
         node = nxt
         line = node.start_mark.line + 1
+    if key is not None and isinstance(node, yaml.MappingNode):
+        for k, _ in node.value:
+            if k.value == key:
+                return int(k.start_mark.line) + 1
     return line
 
 
@@ -119,11 +128,43 @@ def schema() -> dict[str, Any]:
     return data
 
 
+def _ecma_anchors(pattern: str) -> str:
+    """A JSON Schema (ECMA-262) regex for Python's `re`: `$` means the very end.
+
+    Python's `$` also matches before a final newline, which would let
+    `header_value: "x\\n"` through `^[^\\r\\n]*$`: a header injection.
+    """
+    out, escaped, in_class = [], False, False
+    for ch in pattern:
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class = True
+        elif ch == "$":
+            ch = r"\Z"
+        out.append(ch)
+    return "".join(out)
+
+
+def _pattern(validator: Any, pattern: str, instance: Any, _schema: Any) -> Any:
+    if validator.is_type(instance, "string") and not re.search(_ecma_anchors(pattern), instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+@cache
+def _validator_class() -> Any:
+    base = jsonschema.validators.validator_for(schema())
+    return jsonschema.validators.extend(base, {"pattern": _pattern})
+
+
 def _validator(sub: str | None = None) -> jsonschema.protocols.Validator:
     full = schema()
     target = full if sub is None else {**full["$defs"][sub], "$defs": full["$defs"]}
-    cls = jsonschema.validators.validator_for(full)
-    return cls(target)
+    return _validator_class()(target)
 
 
 def _explain(error: jsonschema.ValidationError) -> str:
@@ -166,7 +207,11 @@ def _schema_problems(
         if error.validator == "propertyNames" and isinstance(error.instance, str):
             tokens.append(error.instance)
         where = file
-        line = _line_of(node, tokens) if node is not None else None
+        key = None
+        if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+            extra = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+            key = extra[0] if extra else None
+        line = _line_of(node, tokens, key) if node is not None else None
         if line:
             where = f"{file}:{line}"
         path = spell(list(error.absolute_path)) if spell else dotted(tokens)

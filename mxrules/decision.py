@@ -7,12 +7,11 @@ milter would do.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from .ipfilter import FilterDecision, IPAddress, IpFilterTable
+from .ipfilter import FilterDecision, IPAddress, IpFilterTable, parse_cidr
 from .matching import ManagedDomains, RecipientIndex, split_address
 from .rules import AddHeaderAction, LambdaAction, Rule, RuleSet, StopAction
 
@@ -80,7 +79,9 @@ class Engine:
         self.config = config
         self.filters = IpFilterTable(config.ip_filters, config.blocklist)
         self.domains = ManagedDomains(config.domains)
-        self.trusted = [ipaddress.ip_network(c, strict=False) for c in config.trusted_forwarders]
+        # parse_cidr, as the config check does: an IPv4-mapped CIDR must match the
+        # IPv4 client address parse_ip gives.
+        self.trusted = [parse_cidr(c) for c in config.trusted_forwarders]
         self.rule_set: RuleSet | None = (
             config.rule_sets.get(config.active_rule_set) if config.active_rule_set else None
         )

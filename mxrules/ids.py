@@ -13,7 +13,7 @@ import os
 import re
 import time
 
-_ID = re.compile(r"^[0-9a-v]{40}$")
+_ID = re.compile(r"[0-9a-v]{40}")  # fullmatch: `$` would also allow a trailing newline
 
 
 def new_message_id(now_ns: int | None = None) -> str:
@@ -23,4 +23,4 @@ def new_message_id(now_ns: int | None = None) -> str:
 
 
 def is_message_id(text: str) -> bool:
-    return bool(_ID.match(text))
+    return bool(_ID.fullmatch(text))

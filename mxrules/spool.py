@@ -242,6 +242,8 @@ class Spool:
             names = os.listdir(os.path.join(self.root, state))
         except FileNotFoundError:
             return []
+        except OSError as exc:  # not a directory, no permission: the spool is unusable
+            raise SpoolError(f"cannot list {state}/ in {self.root}: {exc}") from exc
         return sorted(n for n in names if is_message_id(n))
 
     def find(self, job_id: str) -> str | None:
@@ -257,6 +259,8 @@ class Spool:
                 raw = fh.read()
         except FileNotFoundError:
             raise CorruptJobError(job_id, "job.json is missing") from None
+        except OSError as exc:
+            raise SpoolError(f"cannot read job {job_id} in {self.root}: {exc}") from exc
         return Job.decode(raw, job_id)
 
     def message_path(self, state: str, job_id: str) -> str:

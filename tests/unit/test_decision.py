@@ -1,0 +1,380 @@
+"""The pure decision core: connect, MAIL, RCPT verdicts and the action plan."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from mxrules.config import load
+from mxrules.decision import (
+    CONTINUE,
+    TOO_BIG,
+    Engine,
+    RcptDecision,
+    Reply,
+    RulePlan,
+    bare,
+    in_stream_headers,
+)
+from mxrules.ipfilter import parse_ip
+from mxrules.rules import (
+    AddHeaderAction,
+    BounceAction,
+    LambdaAction,
+    Rule,
+    S3Action,
+    SNSAction,
+    StopAction,
+)
+
+
+def _engine(tmp_path, body: str, name: str = "mxrules.yaml") -> Engine:
+    path = tmp_path / name
+    path.write_text("hostname: mx.example.com\n" + textwrap.dedent(body))
+    return Engine(load(str(path)))
+
+
+CONFIG = """\
+domains: [example.com, secure.example.com]
+max_message_size: 10240
+ip_filters:
+  - {name: office, policy: Allow, cidr: 192.0.2.0/24}
+  - {name: bad-net, policy: Block, cidr: 198.51.100.0/24}
+  - {name: bad-v6, policy: Block, cidr: "2001:db8:bad::/48"}
+rule_sets:
+  default:
+    - name: info
+      enabled: true
+      recipients: [info@example.com, sales@example.com]
+      actions:
+        - add_header: {header_name: X-Info, header_value: "1"}
+    - name: secure
+      enabled: true
+      tls_policy: Require
+      recipients: [secure.example.com, vault@example.com]
+    - name: sales
+      enabled: true
+      recipients: [sales@example.com]
+      scan_enabled: true
+"""
+
+
+@pytest.mark.parametrize(
+    ("recipient", "tls", "outcome", "rules", "reply"),
+    [
+        pytest.param("info@example.com", False, "accepted", ("info",), "250 2.0.0",
+                     id="matched"),
+        pytest.param("sales@example.com", False, "accepted", ("info", "sales"), "250 2.0.0",
+                     id="two-rules"),
+        pytest.param("nobody@example.com", False, "no-rule", (),
+                     "550 5.1.1 <nobody@example.com>: Recipient address rejected: User unknown",
+                     id="managed-without-rule-550"),
+        pytest.param("<nobody@example.com>", True, "no-rule", (),
+                     "550 5.1.1 <nobody@example.com>: Recipient address rejected: User unknown",
+                     id="brackets-not-doubled"),
+        pytest.param("x@unmanaged.test", False, "unmanaged", (), "250 2.0.0",
+                     id="unmanaged-continues"),
+        pytest.param("postmaster", False, "unmanaged", (), "250 2.0.0",
+                     id="no-domain-unmanaged"),
+        pytest.param("a@secure.example.com", False, "tls-required", ("secure",),
+                     "530 5.7.0 Must issue a STARTTLS command first", id="tls-require-no-tls"),
+        pytest.param("a@secure.example.com", True, "accepted", ("secure",), "250 2.0.0",
+                     id="tls-require-with-tls"),
+        pytest.param("vault@example.com", False, "tls-required", ("secure",),
+                     "530 5.7.0 Must issue a STARTTLS command first", id="tls-require-address"),
+        pytest.param("info@example.com", True, "accepted", ("info",), "250 2.0.0",
+                     id="optional-tls-with-tls"),
+    ],
+)
+def test_rcpt(tmp_path, recipient: str, tls: bool, outcome: str, rules: tuple[str, ...],
+              reply: str) -> None:
+    decision = _engine(tmp_path, CONFIG).rcpt(recipient, tls=tls)
+    assert decision.outcome == outcome
+    assert decision.rules == rules
+    assert str(decision.reply) == reply
+    assert decision.reply.verb == ("continue" if outcome in ("accepted", "unmanaged")
+                                   else "reject")
+    assert decision.handled is (outcome == "accepted")
+
+
+def test_tls_require_applies_when_any_matching_rule_requires_it(tmp_path) -> None:
+    engine = _engine(tmp_path, """\
+        rule_sets:
+          default:
+            - name: open
+              enabled: true
+              recipients: [example.com]
+            - name: strict
+              enabled: true
+              tls_policy: Require
+              recipients: [boss@example.com]
+        """)
+    assert engine.rcpt("staff@example.com", tls=False).outcome == "accepted"
+    refused = engine.rcpt("boss@example.com", tls=False)
+    assert (refused.outcome, refused.rules) == ("tls-required", ("open", "strict"))
+    assert engine.rcpt("boss@example.com", tls=True).outcome == "accepted"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param("""\
+            domains: [example.com]
+            active_rule_set: null
+            rule_sets:
+              default:
+                - name: info
+                  enabled: true
+                  recipients: [info@example.com]
+            """, id="active-rule-set-null"),
+        pytest.param("domains: [example.com]\n", id="no-rule-sets-at-all"),
+        pytest.param("""\
+            domains: [example.com]
+            active_rule_set: null
+            rule_sets:
+              one: [{name: a, enabled: true}]
+              two: [{name: b, enabled: true}]
+            """, id="two-sets-none-active"),
+    ],
+)
+def test_no_active_rule_set_rejects_managed_recipients(tmp_path, body: str) -> None:
+    engine = _engine(tmp_path, body)
+    assert engine.rule_set is None
+    decision = engine.rcpt("info@example.com", tls=True)
+    assert decision.outcome == "no-rule-set"
+    assert str(decision.reply) == ("550 5.1.1 <info@example.com>: Recipient address rejected: "
+                                   "no active rule set")
+    assert engine.rcpt("x@other.test", tls=False).outcome == "unmanaged"
+    assert engine.plan([decision]) == []
+
+
+def test_active_rule_set_chooses_among_several(tmp_path) -> None:
+    engine = _engine(tmp_path, """\
+        active_rule_set: two
+        rule_sets:
+          one: [{name: a, enabled: true, recipients: [a@example.com]}]
+          two: [{name: b, enabled: true, recipients: [b@example.com]}]
+        """)
+    assert engine.rule_set is not None and engine.rule_set.name == "two"
+    assert engine.rcpt("b@example.com", tls=False).rules == ("b",)
+    # a@example.com is in a managed domain (named by rule set one) but set one is not in force.
+    assert engine.rcpt("a@example.com", tls=False).outcome == "no-rule"
+
+
+# -- connect -------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("client", "reply", "reason", "name"),
+    [
+        pytest.param("192.0.2.10", "250 2.0.0", "allow-filter", "office", id="allowed"),
+        pytest.param("203.0.113.1", "250 2.0.0", "no-match", None, id="no-match"),
+        pytest.param("198.51.100.7", "554 5.7.1 Client host [198.51.100.7] blocked by IP "
+                     "address filter", "block-filter", "bad-net", id="block-filter"),
+        pytest.param("::ffff:198.51.100.7", "554 5.7.1 Client host [198.51.100.7] blocked by IP "
+                     "address filter", "block-filter", "bad-net", id="mapped-ipv6-client"),
+        pytest.param("2001:db8:bad::1", "554 5.7.1 Client host [2001:db8:bad::1] blocked by IP "
+                     "address filter", "block-filter", "bad-v6", id="ipv6-block"),
+        pytest.param("10.9.9.9", "554 5.7.1 Client host [10.9.9.9] blocked using local "
+                     "blocklist", "blocklist", "BL:2", id="blocklist"),
+        pytest.param("192.0.2.66", "250 2.0.0", "allow-filter", "office",
+                     id="allow-beats-blocklist"),
+    ],
+)
+def test_connect(tmp_path, client: str, reply: str, reason: str, name: str | None) -> None:
+    blocklist = tmp_path / "blocklist.txt"
+    blocklist.write_text("# local list\n10.0.0.0/8\n192.0.2.66\n")
+    engine = _engine(tmp_path, CONFIG + "blocklists: [blocklist.txt]\n")
+    decision = engine.connect(parse_ip(client))
+    assert str(decision.reply) == reply
+    assert decision.filters.reason == reason
+    assert decision.filters.name == (name.replace("BL", str(blocklist)) if name else None)
+    assert decision.client == str(parse_ip(client))
+
+
+@pytest.mark.parametrize(
+    ("forwarders", "client", "trusted"),
+    [
+        pytest.param(["192.0.2.0/28"], "192.0.2.5", True, id="ipv4"),
+        pytest.param(["192.0.2.0/28"], "192.0.2.16", False, id="ipv4-outside"),
+        pytest.param(["192.0.2.1/28"], "192.0.2.5", True, id="host-bits"),
+        pytest.param(["2001:db8::/64"], "2001:db8::25", True, id="ipv6"),
+        pytest.param(["192.0.2.0/28"], "::ffff:192.0.2.5", True, id="mapped-client"),
+        pytest.param(["::ffff:192.0.2.0/124"], "192.0.2.5", True, id="mapped-forwarder-cidr"),
+        pytest.param(["192.0.2.0/28"], "2001:db8::25", False, id="other-family"),
+        pytest.param([], "192.0.2.5", False, id="none"),
+    ],
+)
+def test_trusted_forwarders(tmp_path, forwarders: list[str], client: str, trusted: bool) -> None:
+    engine = _engine(tmp_path, f"trusted_forwarders: {forwarders}\n")
+    assert engine.is_trusted_forwarder(parse_ip(client)) is trusted
+
+
+# -- MAIL FROM SIZE ------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    ("size", "reply"),
+    [
+        pytest.param(None, CONTINUE, id="no-size"),
+        pytest.param(0, CONTINUE, id="zero"),
+        pytest.param(10240, CONTINUE, id="exactly-the-maximum"),
+        pytest.param(10241, TOO_BIG, id="one-byte-over"),
+    ],
+)
+def test_mail_size(tmp_path, size: int | None, reply: Reply) -> None:
+    assert _engine(tmp_path, CONFIG).mail(size) == reply
+
+
+def test_too_big_reply_text() -> None:
+    assert str(TOO_BIG) == "552 5.3.4 Message size exceeds fixed maximum message size"
+    assert TOO_BIG.verb == "reject"
+
+
+def test_default_max_message_size_is_40_mib(tmp_path) -> None:
+    engine = _engine(tmp_path, "domains: [example.com]\n")
+    assert engine.mail(40 * 1024 * 1024) == CONTINUE
+    assert engine.mail(40 * 1024 * 1024 + 1) == TOO_BIG
+
+
+# -- the plan -------------------------------------------------------------------
+
+PLAN_CONFIG = """\
+domains: [example.com, example.net]
+rule_sets:
+  default:
+    - name: catch-all
+      enabled: true
+      scan_enabled: false
+    - name: sales
+      enabled: true
+      recipients: [sales@example.com]
+      scan_enabled: true
+    - name: net
+      enabled: true
+      recipients: [example.net]
+    - name: unused
+      enabled: true
+      recipients: [unused@example.com]
+"""
+
+
+def test_plan_lists_per_rule_only_the_recipients_it_matched(tmp_path) -> None:
+    engine = _engine(tmp_path, PLAN_CONFIG)
+    decisions = [engine.rcpt(r, tls=False) for r in (
+        "<a@example.net>", "sales+x@example.com", "x@unmanaged.test", "b@example.net")]
+    plan = engine.plan(decisions)
+    assert [(p.rule.name, p.recipients) for p in plan] == [
+        ("catch-all", ("<a@example.net>", "sales+x@example.com", "b@example.net")),
+        ("sales", ("sales+x@example.com",)),
+        ("net", ("<a@example.net>", "b@example.net")),
+    ]
+    assert engine.scan_wanted(plan) is True
+    assert engine.scan_wanted([p for p in plan if p.rule.name != "sales"]) is False
+
+
+def test_plan_ignores_rejected_recipients(tmp_path) -> None:
+    engine = _engine(tmp_path, CONFIG)
+    decisions = [engine.rcpt("a@secure.example.com", tls=False),
+                 engine.rcpt("nobody@example.com", tls=False),
+                 engine.rcpt("info@example.com", tls=False)]
+    plan = engine.plan(decisions)
+    assert [(p.rule.name, p.recipients) for p in plan] == [("info", ("info@example.com",))]
+    assert engine.plan([engine.rcpt("x@unmanaged.test", tls=False)]) == []
+
+
+def test_plan_follows_rule_set_order_not_recipient_order(tmp_path) -> None:
+    engine = _engine(tmp_path, CONFIG)
+    decisions = [engine.rcpt("a@secure.example.com", tls=True),
+                 engine.rcpt("sales@example.com", tls=False)]
+    assert [p.rule.name for p in engine.plan(decisions)] == ["info", "secure", "sales"]
+
+
+def test_plan_carries_the_rule_objects(tmp_path) -> None:
+    engine = _engine(tmp_path, CONFIG)
+    (item,) = engine.plan([engine.rcpt("info@example.com", tls=False)])
+    assert item.rule.actions == (AddHeaderAction(header_name="X-Info", header_value="1"),)
+
+
+# -- in-stream headers -----------------------------------------------------------
+
+H1 = AddHeaderAction(header_name="X-One", header_value="1")
+H2 = AddHeaderAction(header_name="X-Two", header_value="2")
+H3 = AddHeaderAction(header_name="X-Three", header_value="3")
+STOP = StopAction()
+EVENT = LambdaAction(function_arn="arn:aws:lambda:us-east-1:1:function:f")
+REQUEST = LambdaAction(function_arn="arn:aws:lambda:us-east-1:1:function:f",
+                       invocation_type="RequestResponse")
+S3 = S3Action(bucket_name="bucket")
+SNS = SNSAction(topic_arn="arn:aws:sns:us-east-1:1:t")
+BOUNCE = BounceAction(smtp_reply_code="550", message="no", sender="a@example.com")
+
+
+def _plan(*rules: tuple) -> list[RulePlan]:
+    return [RulePlan(Rule(name=f"r{i}", enabled=True, actions=tuple(actions)), ("a@b.c",))
+            for i, actions in enumerate(rules)]
+
+
+@pytest.mark.parametrize(
+    ("plan", "headers"),
+    [
+        pytest.param(_plan(), [], id="empty-plan"),
+        pytest.param(_plan((H1, S3, H2)), [("X-One", "1"), ("X-Two", "2")], id="one-rule"),
+        pytest.param(_plan((H1,), (SNS, H2), (BOUNCE, H3)),
+                     [("X-One", "1"), ("X-Two", "2"), ("X-Three", "3")],
+                     id="across-rules-in-order"),
+        pytest.param(_plan((H1, STOP, H2), (H3,)), [("X-One", "1")], id="stop-ends-everything"),
+        pytest.param(_plan((H1,), (STOP,), (H2,)), [("X-One", "1")],
+                     id="stop-in-earlier-rule"),
+        pytest.param(_plan((H1, REQUEST, H2), (H3,)), [("X-One", "1")],
+                     id="request-response-lambda-stops"),
+        pytest.param(_plan((REQUEST,), (H1,)), [], id="request-response-first"),
+        pytest.param(_plan((H1, EVENT, H2), (H3,)),
+                     [("X-One", "1"), ("X-Two", "2"), ("X-Three", "3")],
+                     id="event-lambda-does-not-stop"),
+        pytest.param(_plan((H1, H1)), [("X-One", "1"), ("X-One", "1")], id="repeats-kept"),
+    ],
+)
+def test_in_stream_headers(plan: list[RulePlan], headers: list[tuple[str, str]]) -> None:
+    assert in_stream_headers(plan) == headers
+
+
+def test_in_stream_headers_from_a_config(tmp_path) -> None:
+    engine = _engine(tmp_path, """\
+        rule_sets:
+          default:
+            - name: first
+              enabled: true
+              recipients: [a@example.com]
+              actions:
+                - add_header: {header_name: X-First, header_value: "yes"}
+                - lambda: {function_arn: "arn:aws:lambda:us-east-1:1:function:f"}
+                - add_header: {header_name: X-After-Event, header_value: "ok"}
+            - name: second
+              enabled: true
+              actions:
+                - lambda:
+                    function_arn: "arn:aws:lambda:us-east-1:1:function:g"
+                    invocation_type: RequestResponse
+                - add_header: {header_name: X-Too-Late, header_value: "no"}
+        """)
+    plan = engine.plan([engine.rcpt("a@example.com", tls=False)])
+    assert [p.rule.name for p in plan] == ["first", "second"]
+    assert in_stream_headers(plan) == [("X-First", "yes"), ("X-After-Event", "ok")]
+
+
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        pytest.param("<a@b.c>", "a@b.c", id="brackets"),
+        pytest.param(" a@b.c ", "a@b.c", id="spaces"),
+        pytest.param("<>", "", id="null"),
+        pytest.param("a@b.c", "a@b.c", id="plain"),
+    ],
+)
+def test_bare(address: str, expected: str) -> None:
+    assert bare(address) == expected
+
+
+def test_rcpt_decision_handled_only_when_accepted() -> None:
+    assert RcptDecision("a@b.c", "accepted", ("r",), CONTINUE).handled
+    assert not RcptDecision("a@b.c", "unmanaged", (), CONTINUE).handled

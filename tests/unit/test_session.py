@@ -1,0 +1,416 @@
+"""The per-connection state machine, driven with plain values (no pymilter)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import textwrap
+
+import pytest
+from mxrules.milter.session import DISABLED_VERDICTS, EomResult, Runtime, Session
+from prometheus_client import CollectorRegistry
+
+from mxrules.config import load
+from mxrules.decision import CONTINUE, TEMPFAIL_INTERNAL, TEMPFAIL_SPOOL, TOO_BIG, Engine
+from mxrules.ids import is_message_id
+from mxrules.metrics import MilterMetrics
+from mxrules.spool import STATES, Client, Spool
+
+CONFIG = """\
+hostname: mx.example.com
+domains: [example.com, secure.example.com]
+max_message_size: 4096
+trusted_forwarders: [192.0.2.250/32]
+ip_filters:
+  - {name: bad-net, policy: Block, cidr: 198.51.100.0/24}
+rule_sets:
+  default:
+    - name: info
+      enabled: true
+      recipients: [info@example.com]
+      actions:
+        - add_header: {header_name: X-Info, header_value: info-rule}
+        - s3: {bucket_name: mail-bucket}
+    - name: everyone
+      enabled: true
+      recipients: [example.com]
+      actions:
+        - add_header: {header_name: X-Everyone, header_value: "yes"}
+        - lambda:
+            function_arn: "arn:aws:lambda:us-east-1:123456789012:function:f"
+            invocation_type: RequestResponse
+        - add_header: {header_name: X-After-Lambda, header_value: stored-copy-only}
+    - name: secure
+      enabled: true
+      tls_policy: Require
+      recipients: [secure.example.com]
+"""
+
+HEADERS = [
+    ("From", b"Sender <sender@example.net>"),
+    ("To", b"info@example.com"),
+    ("Subject", b"Hello\n there"),  # folded: pymilter gives LF, the spool keeps CRLF
+]
+BODY = [b"First line\r\n", b"second line\r\n"]
+RAW = (b"From:Sender <sender@example.net>\r\nTo:info@example.com\r\n"
+       b"Subject:Hello\r\n there\r\n\r\nFirst line\r\nsecond line\r\n")
+
+
+def _config(tmp_path, text: str = CONFIG, name: str = "mxrules.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return load(str(path))
+
+
+@pytest.fixture
+def runtime(tmp_path) -> Runtime:
+    return Runtime(Engine(_config(tmp_path)), Spool(str(tmp_path / "spool")),
+                   MilterMetrics(CollectorRegistry()))
+
+
+def _metric(rt: Runtime, name: str, **labels: str) -> float:
+    value = rt.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else value
+
+
+def _connect(rt: Runtime, client: str = "203.0.113.5", tls: str = "") -> Session:
+    session = Session(rt, conn_id="c1")
+    assert session.connect(client, "mail.example.net") == CONTINUE
+    session.helo("mail.example.net", tls, "TLS_AES_128_GCM_SHA256" if tls else "")
+    return session
+
+
+def _message(session: Session, recipients, headers=HEADERS, body=BODY,
+             sender: str = "<sender@example.net>", tls: bool = False,
+             queue_id: str = "4QxYz1Abc") -> EomResult:
+    assert session.mail(sender, {}) == CONTINUE
+    for rcpt in recipients:
+        session.rcpt(rcpt, tls=tls)
+    for name, value in headers:
+        session.header(name, value)
+    session.eoh()
+    for chunk in body:
+        session.body(chunk)
+    return session.eom(queue_id)
+
+
+def _listing(rt: Runtime) -> dict[str, list[str]]:
+    out = {}
+    for state in ("tmp", *STATES):
+        path = os.path.join(rt.spool.root, state)
+        out[state] = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    return out
+
+
+def test_full_transaction_spools_the_job(runtime, caplog) -> None:
+    caplog.set_level(logging.DEBUG, logger="mxrules")
+    session = _connect(runtime, tls="TLSv1.3")
+    result = _message(session, ["<info@example.com>", "<bob+news@example.com>"], tls=True)
+
+    assert result.reply == CONTINUE
+    assert is_message_id(result.message_id)
+    assert result.add_headers == (("X-Info", "info-rule"), ("X-Everyone", "yes"))
+    assert (result.discard, result.delete_recipients) == (True, ())
+    assert _listing(runtime)["incoming"] == [result.message_id]
+    assert _listing(runtime)["tmp"] == []
+
+    job = runtime.spool.load("incoming", result.message_id)
+    assert job.message_id == result.message_id
+    assert job.queue_id == "4QxYz1Abc"
+    assert job.rule_set == "default"
+    assert job.hostname == "mx.example.com"
+    assert job.mail_from == "sender@example.net"
+    assert job.recipients == ("info@example.com", "bob+news@example.com")
+    assert [(m.rule.name, m.recipients) for m in job.rules] == [
+        ("info", ("info@example.com",)),
+        ("everyone", ("info@example.com", "bob+news@example.com")),
+    ]
+    assert job.rules[0].rule == runtime.engine.rule_set.rules[0]
+    assert job.in_stream_headers == (("X-Info", "info-rule"), ("X-Everyone", "yes"))
+    assert job.client == Client(address="203.0.113.5", hostname="mail.example.net",
+                                helo="mail.example.net", tls_version="TLSv1.3",
+                                tls_cipher="TLS_AES_128_GCM_SHA256")
+    assert job.verdicts == DISABLED_VERDICTS
+
+    with open(runtime.spool.message_path("incoming", job.message_id), "rb") as fh:
+        stored = fh.read()
+    assert stored == RAW
+    assert (job.message_size, job.message_sha256) == (len(RAW),
+                                                      hashlib.sha256(RAW).hexdigest())
+
+    assert _metric(runtime, "mxrules_connections_total", result="accepted") == 1
+    assert _metric(runtime, "mxrules_recipients_total", result="accepted") == 2
+    assert _metric(runtime, "mxrules_messages_total", result="spooled") == 1
+    assert _metric(runtime, "mxrules_received_bytes_total") == len(RAW)
+    assert _metric(runtime, "mxrules_received_chunks_total") == 1
+    assert _metric(runtime, "mxrules_rule_matches_total", rule="info") == 1
+    assert _metric(runtime, "mxrules_rule_matches_total", rule="everyone") == 1
+    assert _metric(runtime, "mxrules_spool_commit_seconds_count") == 1
+    assert _metric(runtime, "mxrules_spool_write_failures_total") == 0
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert any("queue_id=4QxYz1Abc" in r.getMessage() and "result=spooled" in r.getMessage()
+               for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("delivery", "recipients", "discard", "deleted"),
+    [
+        pytest.param("consume", ["<info@example.com>"], True, (), id="consume-only-managed"),
+        pytest.param("consume", ["<info@example.com>", "<a@secure.example.com>"], True, (),
+                     id="consume-managed-and-rejected"),
+        pytest.param("consume", ["<info@example.com>", "<x@other.test>", "<bob@example.com>"],
+                     False, ("<info@example.com>", "<bob@example.com>"),
+                     id="consume-with-unmanaged"),
+        pytest.param("deliver", ["<info@example.com>"], False, (), id="deliver-only-managed"),
+        pytest.param("deliver", ["<info@example.com>", "<x@other.test>"], False, (),
+                     id="deliver-with-unmanaged"),
+    ],
+)
+def test_delivery_modes(tmp_path, delivery: str, recipients: list[str], discard: bool,
+                        deleted: tuple[str, ...]) -> None:
+    cfg = _config(tmp_path, CONFIG + f"delivery: {delivery}\n")
+    rt = Runtime(Engine(cfg), Spool(str(tmp_path / "spool")), MilterMetrics(CollectorRegistry()))
+    result = _message(_connect(rt), recipients)
+    assert result.reply == CONTINUE
+    assert (result.discard, result.delete_recipients) == (discard, deleted)
+    assert _listing(rt)["incoming"] == [result.message_id]
+
+
+@pytest.mark.parametrize(
+    "recipients",
+    [
+        pytest.param(["<x@other.test>"], id="unmanaged"),
+        pytest.param(["<x@other.test>", "<a@secure.example.com>"], id="unmanaged-and-rejected"),
+        pytest.param(["<a@secure.example.com>"], id="only-rejected"),
+    ],
+)
+def test_message_without_handled_recipients_is_not_spooled(runtime, recipients) -> None:
+    result = _message(_connect(runtime), recipients)
+    assert result == EomResult(CONTINUE)
+    assert not os.path.exists(runtime.spool.root)  # not even created
+    assert _metric(runtime, "mxrules_messages_total", result="passed") == 1
+    assert _metric(runtime, "mxrules_messages_total", result="spooled") == 0
+
+
+def test_rcpt_replies(runtime) -> None:
+    session = _connect(runtime)
+    session.mail("<s@example.net>", {})
+    assert session.rcpt("<info@example.com>", tls=False) == CONTINUE
+    assert session.rcpt("<x@other.test>", tls=False) == CONTINUE
+    assert str(session.rcpt("<a@secure.example.com>", tls=False)) == (
+        "530 5.7.0 Must issue a STARTTLS command first")
+    assert session.rcpt("<a@secure.example.com>", tls=True) == CONTINUE
+    assert str(session.rcpt("<nobody@elsewhere.example.com>", tls=False)) == "250 2.0.0"
+    assert str(session.rcpt("<a@secure.example.com>", tls=False)).startswith("530")
+    assert _metric(runtime, "mxrules_recipients_total", result="tls-required") == 2
+    assert _metric(runtime, "mxrules_rejections_total", stage="rcpt",
+                   reason="tls-required") == 2
+    assert _metric(runtime, "mxrules_recipients_total", result="unmanaged") == 2
+
+
+def test_unusable_spool_tempfails_then_recovers(runtime, caplog) -> None:
+    os.makedirs(os.path.dirname(runtime.spool.root), exist_ok=True)
+    with open(runtime.spool.root, "w") as fh:  # the spool directory replaced by a file
+        fh.write("not a directory")
+    session = _connect(runtime)
+    result = _message(session, ["<info@example.com>"])
+    assert result == EomResult(TEMPFAIL_SPOOL)
+    assert str(result.reply) == ("451 4.3.0 Temporary failure storing the message, "
+                                 "try again later")
+    assert result.reply.verb == "tempfail"
+    assert _metric(runtime, "mxrules_spool_write_failures_total") == 1
+    assert _metric(runtime, "mxrules_messages_total", result="tempfail") == 1
+    assert any(r.levelno >= logging.WARNING for r in caplog.records)
+
+    os.unlink(runtime.spool.root)  # the operator mends it; the same connection goes on
+    again = _message(session, ["<info@example.com>"])
+    assert again.reply == CONTINUE
+    assert runtime.spool.ids("incoming") == [again.message_id]
+    assert _metric(runtime, "mxrules_spool_write_failures_total") == 1
+    assert _metric(runtime, "mxrules_messages_total", result="spooled") == 1
+
+
+def test_spool_that_breaks_before_commit_tempfails(runtime) -> None:
+    session = _connect(runtime)
+    session.mail("<s@example.net>", {})
+    session.rcpt("<info@example.com>", tls=False)
+    session.header("Subject", b"x")
+    session.eoh()
+    session.body(b"body\r\n")
+    incoming = os.path.join(runtime.spool.root, "incoming")
+    os.rmdir(incoming)
+    with open(incoming, "w") as fh:
+        fh.write("not a directory")
+    result = session.eom("Q1")
+    assert result.reply == TEMPFAIL_SPOOL
+    assert _metric(runtime, "mxrules_spool_write_failures_total") == 1
+    assert os.listdir(os.path.join(runtime.spool.root, "tmp")) == []
+
+
+def test_body_over_max_message_size_is_refused(runtime) -> None:
+    session = _connect(runtime)
+    result = _message(session, ["<info@example.com>"], body=[b"x" * 1000] * 5)
+    assert result == EomResult(TOO_BIG)
+    assert str(result.reply) == "552 5.3.4 Message size exceeds fixed maximum message size"
+    assert _metric(runtime, "mxrules_rejections_total", stage="data", reason="size") == 1
+    assert _metric(runtime, "mxrules_messages_total", result="rejected") == 1
+    assert _listing(runtime)["tmp"] == [] and _listing(runtime)["incoming"] == []
+
+
+def test_message_of_exactly_max_message_size_is_accepted(runtime) -> None:
+    header = b"Subject:x\r\n\r\n"
+    result = _message(_connect(runtime), ["<info@example.com>"], headers=[("Subject", b"x")],
+                      body=[b"y" * (4096 - len(header))])
+    assert result.reply == CONTINUE
+    assert runtime.spool.load("incoming", result.message_id).message_size == 4096
+
+
+def test_mail_size_over_maximum(runtime) -> None:
+    session = _connect(runtime)
+    assert session.mail("<s@example.net>", {"SIZE": "4097"}) == TOO_BIG
+    assert session.mail("<s@example.net>", {"SIZE": "4096"}) == CONTINUE
+    assert session.mail("<s@example.net>", {"SIZE": "junk", "BODY": None}) == CONTINUE
+    assert _metric(runtime, "mxrules_rejections_total", stage="mail", reason="size") == 1
+
+
+@pytest.mark.parametrize(
+    "client",
+    [
+        pytest.param("198.51.100.23", id="ipv4"),
+        pytest.param("::ffff:198.51.100.23", id="ipv4-mapped"),
+    ],
+)
+def test_blocked_client(runtime, client: str) -> None:
+    session = Session(runtime, "c9")
+    reply = session.connect(client, "spammer.example")
+    assert str(reply) == "554 5.7.1 Client host [198.51.100.23] blocked by IP address filter"
+    assert reply.verb == "reject"
+    assert _metric(runtime, "mxrules_connections_total", result="rejected") == 1
+    assert _metric(runtime, "mxrules_rejections_total", stage="connect",
+                   reason="block-filter") == 1
+
+
+def test_connection_without_an_ip_address(runtime) -> None:
+    session = Session(runtime)
+    assert session.connect("localhost", "localhost") == CONTINUE
+    assert session.client.address == "localhost"
+    assert _metric(runtime, "mxrules_connections_total", result="accepted") == 1
+
+
+def test_trusted_forwarder_is_recorded(runtime) -> None:
+    result = _message(_connect(runtime, client="192.0.2.250"), ["<info@example.com>"])
+    job = runtime.spool.load("incoming", result.message_id)
+    assert job.client.forwarded_by == "192.0.2.250"
+
+
+def test_engine_snapshot_per_message(tmp_path, runtime) -> None:
+    session = _connect(runtime)
+    session.mail("<s@example.net>", {})
+    assert session.rcpt("<info@example.com>", tls=False) == CONTINUE
+    old_engine = runtime.engine
+
+    (tmp_path / "new").mkdir()
+    new_engine = Engine(_config(tmp_path / "new", """\
+        hostname: mx2.example.com
+        domains: [example.com]
+        delivery: deliver
+        max_message_size: 1024
+        rule_sets:
+          replaced:
+            - name: new-rule
+              enabled: true
+              actions:
+                - add_header: {header_name: X-New, header_value: new}
+        """))
+    runtime.swap(new_engine)
+    assert runtime.engine is new_engine
+
+    session.header("Subject", b"x" * 2000)  # too big for the new config, fine for the old
+    session.eoh()
+    result = session.eom("Q1")
+    assert result.reply == CONTINUE
+    assert result.add_headers == (("X-Info", "info-rule"), ("X-Everyone", "yes"))
+    assert result.discard is True  # the old config consumes
+    job = runtime.spool.load("incoming", result.message_id)
+    assert (job.rule_set, job.hostname) == ("default", "mx.example.com")
+    assert [m.rule for m in job.rules] == list(old_engine.rule_set.rules[:2])
+
+    # The next message is judged by the new config.
+    later = _message(session, ["<info@example.com>"], headers=[("Subject", b"y")], body=[])
+    assert later.add_headers == (("X-New", "new"),)
+    assert later.discard is False
+    job = runtime.spool.load("incoming", later.message_id)
+    assert (job.rule_set, job.hostname) == ("replaced", "mx2.example.com")
+    assert [m.rule.name for m in job.rules] == ["new-rule"]
+
+
+def test_two_messages_on_one_connection(runtime) -> None:
+    session = _connect(runtime)
+    first = _message(session, ["<info@example.com>"], queue_id="Q1")
+    second = _message(session, ["<bob@example.com>"], queue_id="Q2")
+    assert first.message_id != second.message_id
+    assert runtime.spool.ids("incoming") == sorted([first.message_id, second.message_id])
+    assert runtime.spool.load("incoming", second.message_id).queue_id == "Q2"
+    assert [m.rule.name for m in runtime.spool.load("incoming", second.message_id).rules] == [
+        "everyone"]
+
+
+def test_abort_mid_message_leaves_nothing(runtime) -> None:
+    session = _connect(runtime)
+    session.mail("<s@example.net>", {})
+    session.rcpt("<info@example.com>", tls=False)
+    session.header("Subject", b"x")
+    assert len(_listing(runtime)["tmp"]) == 1
+    session.abort()
+    assert _listing(runtime)["tmp"] == []
+    assert session.eom("Q") == EomResult(TEMPFAIL_INTERNAL)
+
+
+def test_new_mail_from_drops_the_unfinished_message(runtime) -> None:
+    session = _connect(runtime)
+    session.mail("<s@example.net>", {})
+    session.rcpt("<info@example.com>", tls=False)
+    session.header("Subject", b"x")
+    result = _message(session, ["<bob@example.com>"])
+    assert _listing(runtime)["tmp"] == []
+    assert runtime.spool.ids("incoming") == [result.message_id]
+
+
+def test_message_without_header_or_body_callbacks_still_spools(runtime) -> None:
+    session = _connect(runtime)
+    session.mail("<>", {})
+    session.rcpt("<info@example.com>", tls=False)
+    result = session.eom("Q")
+    assert result.reply == CONTINUE
+    job = runtime.spool.load("incoming", result.message_id)
+    assert (job.mail_from, job.message_size) == ("", 0)
+
+
+def test_rcpt_and_eom_before_mail(runtime) -> None:
+    session = _connect(runtime)
+    assert session.rcpt("<info@example.com>", tls=False) == TEMPFAIL_INTERNAL
+    assert session.eom("Q") == EomResult(TEMPFAIL_INTERNAL)
+
+
+def test_deferred_error_fails_the_message_at_eom(runtime) -> None:
+    session = _connect(runtime)
+    session.mail("<s@example.net>", {})
+    session.rcpt("<info@example.com>", tls=False)
+    session.header("Subject", b"x")
+    session.deferred_error("body", RuntimeError("boom"))
+    session.body(b"more")
+    result = session.eom("Q")
+    assert result == EomResult(TEMPFAIL_INTERNAL)
+    assert _metric(runtime, "mxrules_milter_errors_total", stage="body") == 1
+    assert _listing(runtime)["tmp"] == [] and _listing(runtime)["incoming"] == []
+
+
+def test_error_at_the_edge_tempfails_and_forgets(runtime) -> None:
+    session = _connect(runtime)
+    session.mail("<s@example.net>", {})
+    session.rcpt("<info@example.com>", tls=False)
+    session.header("Subject", b"x")
+    assert session.error("eoh", ValueError("bad")) == TEMPFAIL_INTERNAL
+    assert _metric(runtime, "mxrules_milter_errors_total", stage="eoh") == 1
+    assert _listing(runtime)["tmp"] == []

@@ -1,0 +1,361 @@
+"""The spool: the job format and the directory protocol between milter and worker."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import UTC, datetime
+
+import pytest
+
+from mxrules.errors import CorruptJobError, MxrulesError, SpoolError
+from mxrules.ids import new_message_id
+from mxrules.rules import AddHeaderAction, LambdaAction, Rule, S3Action, StopAction
+from mxrules.spool import (
+    JOB_VERSION,
+    STATES,
+    Client,
+    Job,
+    MatchedRule,
+    Progress,
+    Spool,
+    ses_timestamp,
+    with_progress,
+)
+
+RULE = Rule(
+    name="store", enabled=True, recipients=("info@example.com", ".example.org"),
+    tls_policy="Require", scan_enabled=True,
+    actions=(AddHeaderAction(header_name="X-Rule", header_value="störe ✓"),
+             S3Action(bucket_name="bucket", object_key_prefix="in/",
+                      kms_key_arn="arn:aws:kms:us-east-1:1:key/k"),
+             LambdaAction(function_arn="arn:aws:lambda:us-east-1:1:function:f",
+                          invocation_type="RequestResponse"),
+             StopAction(topic_arn="arn:aws:sns:us-east-1:1:t")),
+)
+
+
+def _job(message_id: str | None = None, data: bytes = b"", **changes) -> Job:
+    fields = dict(
+        message_id=message_id or new_message_id(),
+        queue_id="4Xk2Lq0F3Zz1",
+        received_at="2026-01-01T00:00:00.000Z",
+        rule_set="default",
+        mail_from="sender@example.net",
+        recipients=("info@example.com", "a@b.example.org"),
+        client=Client(address="192.0.2.1", hostname="mail.example.net", helo="mail",
+                      tls_version="TLSv1.3", tls_cipher="TLS_AES_256_GCM_SHA384"),
+        rules=(MatchedRule(RULE, ("info@example.com", "a@b.example.org")),
+               MatchedRule(Rule(name="empty", enabled=True), ("info@example.com",))),
+        in_stream_headers=(("X-Rule", "störe ✓"),),
+        hostname="mx.example.com",
+        message_size=len(data),
+        message_sha256=hashlib.sha256(data).hexdigest(),
+        verdicts={"spam": "PASS", "virus": "DISABLED"},
+    )
+    fields.update(changes)
+    return Job(**fields)
+
+
+# -- encode / decode -------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "job",
+    [
+        pytest.param(_job(), id="full"),
+        pytest.param(_job(mail_from="", rules=(), in_stream_headers=(), verdicts={}),
+                     id="null-sender-no-rules"),
+        pytest.param(with_progress(_job(), rule=1, action=2, attempts=3, first_attempt_at=1.5,
+                                   next_due=99.25, last_error="boom", stopped="rule_set",
+                                   done=("S3 ok", "SNS ok")), id="with-progress"),
+    ],
+)
+def test_encode_decode_round_trip(job: Job) -> None:
+    raw = job.encode()
+    assert raw.endswith(b"\n")
+    decoded = Job.decode(raw, job.message_id)
+    assert decoded == job
+    assert decoded.encode() == raw
+
+
+def test_encoded_job_is_json_with_a_checksum() -> None:
+    job = _job()
+    outer = json.loads(job.encode())
+    assert sorted(outer) == ["job", "sha256"]
+    assert outer["job"]["version"] == JOB_VERSION
+    assert outer["job"]["rules"][0]["rule"] == RULE.to_config()
+    assert outer["job"]["rules"][0]["recipients"] == ["info@example.com", "a@b.example.org"]
+    canonical = json.dumps(outer["job"], sort_keys=True, separators=(",", ":"),
+                           ensure_ascii=False)
+    assert outer["sha256"] == hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def test_every_single_flipped_byte_is_detected() -> None:
+    raw = _job().encode()
+    for position in range(len(raw) - 1):  # the final newline is only layout
+        damaged = bytearray(raw)
+        damaged[position] ^= 0x01
+        with pytest.raises(CorruptJobError):
+            Job.decode(bytes(damaged), "j")
+
+
+def test_flipped_byte_in_a_value_is_a_checksum_mismatch() -> None:
+    raw = _job().encode()
+    at = raw.index(b"mx.example.com")
+    damaged = raw[:at] + b"nx" + raw[at + 2:]
+    with pytest.raises(CorruptJobError) as info:
+        Job.decode(damaged, "the-id")
+    assert (info.value.job_id, info.value.cause) == ("the-id", "checksum mismatch")
+    assert str(info.value) == "job the-id: checksum mismatch"
+
+
+def test_every_truncation_is_detected() -> None:
+    raw = _job().encode()
+    for length in range(len(raw) - 1):
+        with pytest.raises(CorruptJobError):
+            Job.decode(raw[:length], "j")
+
+
+@pytest.mark.parametrize(
+    ("raw", "cause"),
+    [
+        pytest.param(b"", "cannot decode job.json", id="empty"),
+        pytest.param(b"\xff\xfe", "cannot decode job.json", id="not-utf8"),
+        pytest.param(b"[]", "cannot decode job.json", id="not-an-object"),
+        pytest.param(b'{"sha256": "x"}', "cannot decode job.json", id="no-job"),
+        pytest.param(b'{"job": {}}', "cannot decode job.json", id="no-checksum"),
+    ],
+)
+def test_decode_garbage(raw: bytes, cause: str) -> None:
+    with pytest.raises(CorruptJobError) as info:
+        Job.decode(raw, "j")
+    assert info.value.cause.startswith(cause)
+
+
+def _reseal(body: dict) -> bytes:
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    check = hashlib.sha256(text.encode()).hexdigest()
+    return json.dumps({"job": body, "sha256": check}).encode()
+
+
+def test_unknown_version_is_refused_even_with_a_good_checksum() -> None:
+    body = json.loads(_job().encode())["job"]
+    body["version"] = JOB_VERSION + 1
+    with pytest.raises(CorruptJobError) as info:
+        Job.decode(_reseal(body), "j")
+    assert info.value.cause == f"unknown job version {JOB_VERSION + 1}"
+
+
+def test_missing_field_with_a_good_checksum() -> None:
+    body = json.loads(_job().encode())["job"]
+    del body["client"]
+    with pytest.raises(CorruptJobError, match=r"cannot decode job\.json"):
+        Job.decode(_reseal(body), "j")
+
+
+def test_corrupt_job_error_is_a_spool_error() -> None:
+    assert issubclass(CorruptJobError, SpoolError)
+    assert issubclass(SpoolError, MxrulesError)
+    assert not issubclass(SpoolError, OSError)
+
+
+# -- JobWriter ---------------------------------------------------------------------
+
+def _listing(root) -> dict[str, list[str]]:
+    return {state: sorted(os.listdir(os.path.join(root, state))) for state in ("tmp", *STATES)}
+
+
+def test_job_writer_streams_and_commits(tmp_path) -> None:
+    spool = Spool(str(tmp_path / "spool"))
+    message_id = new_message_id()
+    writer = spool.new_job(message_id)
+    chunks = [b"Subject:hi\r\n", b"\r\n", b"x" * 70_000, b"\x00\xff binary\r\n", b""]
+    for chunk in chunks:
+        writer.write(chunk)
+    data = b"".join(chunks)
+    assert writer.size == len(data)
+    assert writer.sha256 == hashlib.sha256(data).hexdigest()
+    # Streamed to disk under tmp/ as it comes, not held in memory until commit.
+    assert os.path.getsize(os.path.join(spool.root, "tmp", message_id, "message")) >= 70_000
+
+    job = _job(message_id, data)
+    target = writer.commit(job)
+    assert target == os.path.join(spool.root, "incoming", message_id)
+    assert _listing(spool.root) == {"tmp": [], "incoming": [message_id], "active": [],
+                                    "deferred": [], "failed": [], "corrupt": []}
+    assert sorted(os.listdir(target)) == ["job.json", "message"]
+    with open(spool.message_path("incoming", message_id), "rb") as fh:
+        stored = fh.read()
+    assert stored == data
+    loaded = spool.load("incoming", message_id)
+    assert loaded == job
+    assert loaded.message_size == len(stored)
+    assert loaded.message_sha256 == hashlib.sha256(stored).hexdigest()
+    assert spool.find(message_id) == "incoming"
+    assert spool.ids("incoming") == [message_id]
+    assert list(spool.jobs("incoming")) == [(message_id, job)]
+
+
+def test_abort_leaves_nothing(tmp_path) -> None:
+    spool = Spool(str(tmp_path))
+    writer = spool.new_job(new_message_id())
+    writer.write(b"partial")
+    writer.abort()
+    writer.abort()  # twice is harmless
+    assert _listing(spool.root) == {state: [] for state in ("tmp", *STATES)}
+
+
+def test_commit_failure_raises_spool_error_and_cleans_up(tmp_path) -> None:
+    spool = Spool(str(tmp_path))
+    message_id = new_message_id()
+    writer = spool.new_job(message_id)
+    writer.write(b"data")
+    os.rmdir(os.path.join(spool.root, "incoming"))
+    with open(os.path.join(spool.root, "incoming"), "w") as fh:  # the target is unusable
+        fh.write("not a directory")
+    with pytest.raises(SpoolError, match=f"cannot commit job {message_id}"):
+        writer.commit(_job(message_id, b"data"))
+    assert os.listdir(os.path.join(spool.root, "tmp")) == []
+
+
+def test_same_message_id_twice_is_refused(tmp_path) -> None:
+    spool = Spool(str(tmp_path))
+    message_id = new_message_id()
+    spool.new_job(message_id)
+    with pytest.raises(SpoolError):
+        spool.new_job(message_id)
+
+
+def test_spool_directory_that_is_a_file_raises_spool_error(tmp_path) -> None:
+    root = tmp_path / "spool"
+    root.write_text("oops")
+    spool = Spool(str(root))
+    with pytest.raises(SpoolError) as info:
+        spool.new_job(new_message_id())
+    assert isinstance(info.value.__cause__, OSError)
+    with pytest.raises(SpoolError):
+        spool.ids("incoming")
+    with pytest.raises(SpoolError):
+        spool.clean_tmp(older_than=0, now=1e12)
+    with pytest.raises(SpoolError):
+        spool.load("incoming", new_message_id())
+    root.unlink()
+    writer = spool.new_job(new_message_id())  # usable again once the directory is back
+    writer.abort()
+
+
+def test_state_directory_that_is_a_file_raises_spool_error(tmp_path) -> None:
+    spool = Spool(str(tmp_path))
+    (tmp_path / "tmp").write_text("oops")
+    with pytest.raises(SpoolError):
+        spool.new_job(new_message_id())
+
+
+def test_ensure_recreates_removed_directories(tmp_path) -> None:
+    spool = Spool(str(tmp_path / "spool"))
+    spool.ensure()
+    os.rmdir(os.path.join(spool.root, "incoming"))
+    spool.new_job(new_message_id()).abort()
+    assert sorted(os.listdir(spool.root)) == sorted(["tmp", *STATES])
+
+
+# -- reading -----------------------------------------------------------------------
+
+def test_load_of_damaged_or_missing_job_json(tmp_path) -> None:
+    spool = Spool(str(tmp_path))
+    good, flipped, cut, empty = (new_message_id() for _ in range(4))
+    for message_id in (good, flipped, cut):
+        writer = spool.new_job(message_id)
+        writer.write(b"m")
+        writer.commit(_job(message_id, b"m"))
+    os.makedirs(spool.path("incoming", empty))
+    meta = tmp_path / "incoming" / flipped / "job.json"
+    raw = bytearray(meta.read_bytes())
+    raw[len(raw) // 2] ^= 0x20
+    meta.write_bytes(bytes(raw))
+    meta = tmp_path / "incoming" / cut / "job.json"
+    meta.write_bytes(meta.read_bytes()[: len(meta.read_bytes()) // 3])
+
+    causes = {}
+    for message_id in (flipped, cut, empty):
+        with pytest.raises(CorruptJobError) as info:
+            spool.load("incoming", message_id)
+        assert info.value.job_id == message_id
+        causes[message_id] = info.value.cause
+    assert causes[empty] == "job.json is missing"
+    results = dict(spool.jobs("incoming"))
+    assert isinstance(results.pop(good), Job)
+    assert set(results) == {flipped, cut, empty}
+    assert all(isinstance(r, CorruptJobError) for r in results.values())
+
+
+def test_ids_lists_only_message_ids_in_order(tmp_path) -> None:
+    spool = Spool(str(tmp_path))
+    spool.ensure()
+    ids = [new_message_id(now_ns=n) for n in (3, 1, 2)]
+    for message_id in ids:
+        os.mkdir(spool.path("deferred", message_id))
+    os.mkdir(spool.path("deferred", "not-an-id"))
+    (tmp_path / "deferred" / ".hidden").write_text("")
+    assert spool.ids("deferred") == sorted(ids)
+    assert spool.ids("deferred")[0] == ids[1]
+    assert Spool(str(tmp_path / "absent")).ids("incoming") == []
+    assert spool.find(ids[0]) == "deferred"
+    assert spool.find(new_message_id()) is None
+
+
+def test_clean_tmp_removes_only_old_entries(tmp_path) -> None:
+    spool = Spool(str(tmp_path))
+    old, fresh, edge = new_message_id(), new_message_id(), new_message_id()
+    for message_id in (old, fresh, edge):
+        spool.new_job(message_id).write(b"abandoned")
+    os.mkdir(spool.path("tmp", "not-a-job"))
+    now = 1_000_000.0
+    os.utime(spool.path("tmp", old), (now - 3601, now - 3601))
+    os.utime(spool.path("tmp", edge), (now - 3600, now - 3600))
+    os.utime(spool.path("tmp", fresh), (now - 10, now - 10))
+    os.utime(spool.path("tmp", "not-a-job"), (0, 0))
+    assert spool.clean_tmp(older_than=3600, now=now) == 1
+    assert sorted(os.listdir(os.path.join(spool.root, "tmp"))) == sorted(
+        [fresh, edge, "not-a-job"])
+    assert spool.clean_tmp(older_than=3600, now=now) == 0
+
+
+def test_clean_tmp_leaves_committed_jobs(tmp_path) -> None:
+    spool = Spool(str(tmp_path))
+    message_id = new_message_id()
+    writer = spool.new_job(message_id)
+    writer.commit(_job(message_id))
+    os.utime(spool.path("incoming", message_id), (0, 0))
+    assert spool.clean_tmp(older_than=1, now=1e12) == 0
+    assert spool.find(message_id) == "incoming"
+
+
+@pytest.mark.parametrize(
+    ("when", "expected"),
+    [
+        pytest.param(datetime(2026, 1, 1, tzinfo=UTC), "2026-01-01T00:00:00.000Z",
+                     id="midnight"),
+        pytest.param(datetime(2026, 3, 4, 5, 6, 7, 891_999, tzinfo=UTC),
+                     "2026-03-04T05:06:07.891Z", id="milliseconds-truncated"),
+        pytest.param(datetime.fromisoformat("2026-06-30T23:59:59.5+02:00"),
+                     "2026-06-30T21:59:59.500Z", id="converted-to-utc"),
+    ],
+)
+def test_ses_timestamp(when: datetime, expected: str) -> None:
+    assert ses_timestamp(when) == expected
+
+
+def test_ses_timestamp_now_has_ses_shape() -> None:
+    stamp = ses_timestamp()
+    assert len(stamp) == 24 and stamp[10] == "T" and stamp.endswith("Z")
+    assert datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def test_with_progress_changes_only_progress() -> None:
+    job = _job()
+    later = with_progress(job, action=1, done=("AddHeader ok",))
+    assert later.progress == Progress(action=1, done=("AddHeader ok",))
+    assert job.progress == Progress()
+    assert later.message_id == job.message_id
