@@ -1,8 +1,9 @@
 """Root conftest: load the integration harness fixtures as a plugin.
 
-tests/ has no __init__.py on purpose, so pytest puts tests/ (never the repository
-root, whose milter/ folder would shadow pymilter's C module) on sys.path and
-``harness`` imports as a top-level package.
+tests/ (never the repository root, whose milter/ folder would shadow pymilter's C
+module) is on sys.path, via pyproject's ``pythonpath = ["tests"]`` or, in pytest's
+default import mode, because tests/ has no __init__.py; so ``harness`` imports as a
+top-level package.
 """
 
 pytest_plugins = ["harness.fixtures"]

@@ -34,9 +34,7 @@ def is_listening(host: str, port: int) -> bool:
     return False
 
 
-def wait_listening(
-    host: str, port: int, timeout: float = 10.0, *, connect: bool = True
-) -> None:
+def wait_listening(host: str, port: int, timeout: float = 10.0, *, connect: bool = True) -> None:
     """Block until host:port accepts TCP connections, or raise TimeoutError at the deadline.
 
     With ``connect=False`` the listen table is read instead of connecting (see is_listening).

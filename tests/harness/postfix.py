@@ -1,8 +1,8 @@
 """A throwaway, real Postfix instance on loopback, living entirely in one directory.
 
-The instance has its own config, queue and data directories and log file; it never
-reads or changes the system's /etc/postfix configuration (only the shared programs
-and the postfix-files metadata are used).  Starting it needs root, as Postfix does.
+The instance has its own config, queue and data directories and log file; nothing in
+/etc/postfix is changed (postfix-script only reads its postfix-files metadata and the
+default main.cf's multi_instance_directories).  Starting it needs root, as Postfix does.
 """
 
 from __future__ import annotations
@@ -126,8 +126,9 @@ class Postfix:
     def main_cf(self) -> dict[str, str]:
         """The main.cf parameters this instance runs with (extra applied last)."""
         if self.relay_port is None:
-            # error(8) run as "retry" defers with the nexthop as the reason.
-            transport = "retry:no-relay-configured"
+            # A socket that never exists: every attempt is deferred and the message stays
+            # queued.  (An error:/retry: transport would make smtpd refuse the RCPT.)
+            transport = f"lmtp:unix:{self.workdir / 'no-relay'}"
         else:
             transport = f"smtp:[{HOST}]:{self.relay_port}"
         params = {
@@ -152,7 +153,10 @@ class Postfix:
             "smtp_dns_support_level": "disabled",
             "lmtp_dns_support_level": "disabled",
             "smtp_tls_security_level": "none",
-            "smtpd_relay_restrictions": "permit",
+            # smtpd refuses a bare "permit" (fatal: it wants reject_unauth_destination or
+            # similar), and XCLIENT fakes non-local clients; so every domain is a relay domain.
+            "relay_domains": "static:ALL",
+            "smtpd_relay_restrictions": "reject_unauth_destination",
             "smtpd_authorized_xclient_hosts": "127.0.0.0/8",
             "smtpd_error_sleep_time": "0s",
             "smtpd_milters": self.milter or "",
@@ -200,18 +204,16 @@ class Postfix:
             raise ValueError("unknown main.cf parameters:\n" + "\n".join(unused))
 
     def _make_certificate(self) -> None:
-        """Create a self-signed cert+key once; smtpd reads them as root before dropping privileges."""
+        """Create a self-signed cert+key once; smtpd loads them as root, before the jail."""
         key, cert = self.tls_dir / "key.pem", self.tls_dir / "cert.pem"
         if key.exists() and cert.exists():
             return
         self.tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         openssl = which("openssl") or "openssl"
-        self._run(
-            [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-             "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "7",
-             "-subj", "/CN=mx.test", "-addext", "subjectAltName=DNS:mx.test"],
-            check=True,
-        )
+        args = [openssl, "req", "-x509", "-nodes", "-days", "7", "-subj", "/CN=mx.test"]
+        args += ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+        args += ["-addext", "subjectAltName=DNS:mx.test", "-keyout", str(key), "-out", str(cert)]
+        self._run(args, check=True)
         key.chmod(0o600)
 
     # -- lifecycle -----------------------------------------------------------------
@@ -248,7 +250,11 @@ class Postfix:
             time.sleep(0.05)
 
     def reload(self, timeout: float = 20.0) -> None:
-        """Re-read main.cf/master.cf; returns once master has logged the reload."""
+        """Rewrite the config from the attributes (milter, extra, ...) and make Postfix reload.
+
+        Returns once master has logged the reload; sessions already open keep the old config.
+        """
+        self.write_config()
         offset = self.log_size()
         self._postfix_cmd("reload")
         self.wait_for_log(r"postfix/master\[\d+\]: reload --", timeout, since=offset)
@@ -261,7 +267,6 @@ class Postfix:
         """Point smtpd_milters at ``spec`` (None: no milter), reloading a running instance."""
         self.milter = spec
         if self.running:
-            self.write_config()
             self.reload()
 
     # -- inspection ----------------------------------------------------------------
@@ -287,7 +292,7 @@ class Postfix:
             return ""
 
     def log_size(self) -> int:
-        """Current length of the maillog, to wait only for lines logged after this point."""
+        """Current length of the maillog (characters): ``since`` for ``wait_for_log``."""
         return len(self.maillog())
 
     def log_tail(self, lines: int = 60) -> str:

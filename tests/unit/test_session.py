@@ -8,13 +8,13 @@ import os
 import textwrap
 
 import pytest
-from mxrules.milter.session import DISABLED_VERDICTS, EomResult, Runtime, Session
 from prometheus_client import CollectorRegistry
 
 from mxrules.config import load
 from mxrules.decision import CONTINUE, TEMPFAIL_INTERNAL, TEMPFAIL_SPOOL, TOO_BIG, Engine
 from mxrules.ids import is_message_id
 from mxrules.metrics import MilterMetrics
+from mxrules.milter.session import DISABLED_VERDICTS, EomResult, Runtime, Session
 from mxrules.spool import STATES, Client, Spool
 
 CONFIG = """\

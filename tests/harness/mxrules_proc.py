@@ -1,0 +1,88 @@
+"""The real `mxrules milter` program as a subprocess, for integration tests."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .ports import wait_listening
+
+VENV_BIN = Path(sys.executable).parent
+MXRULES = str(VENV_BIN / "mxrules")
+
+
+class MilterProcess:
+    """`mxrules milter --config PATH` with its stderr captured to a file."""
+
+    def __init__(self, config_path: Path, port: int, log_path: Path) -> None:
+        self.config_path = config_path
+        self.port = port
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def postfix_spec(self) -> str:
+        return f"inet:127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20) -> None:
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [MXRULES, "milter", "--config", str(self.config_path)],
+                stdout=log, stderr=log, env={**os.environ, "PYTHONSAFEPATH": "1"},
+            )
+        try:
+            wait_listening("127.0.0.1", self.port, timeout, connect=False)
+        except TimeoutError:
+            code = self.proc.poll()
+            raise RuntimeError(
+                f"mxrules milter did not listen (exit={code}):\n{self.log()}") from None
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        # libmilter takes SIGTERM as "stop now", SIGHUP as "stop gracefully".
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def wait_for_log(self, pattern: str, timeout: float = 20, after: int = 0) -> re.Match[str]:
+        """Wait for a log line matching `pattern` (searching from offset `after`)."""
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern, re.M)
+        while True:
+            m = rx.search(self.log(), after)
+            if m:
+                return m
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no log line matching {pattern!r} in:\n{self.log()[-3000:]}")
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"milter exited ({self.proc.returncode}):\n{self.log()}")
+            time.sleep(0.05)
+
+    def problems(self) -> list[str]:
+        """Log lines at WARNING or above (a happy path must have none)."""
+        return [line for line in self.log().splitlines()
+                if line.startswith(("WARNING", "ERROR", "CRITICAL", "Traceback"))]
