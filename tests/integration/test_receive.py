@@ -210,3 +210,31 @@ def test_bad_cidr_refused_at_start(tmp_path: Any) -> None:
                           text=True, timeout=30)
     assert proc.returncode == 78
     assert "ip_filters[0].cidr: not an address or CIDR" in proc.stderr
+
+
+def test_30mb_message_streams_without_growing_memory(make_stack: Any) -> None:
+    """Acceptance: a 30 MB message passes with the milter's peak RSS growing < 10 MB."""
+    stack: Stack = make_stack("yaml")
+    assert stack.milter.proc is not None
+    pid = stack.milter.proc.pid
+    warm = stack.send(["user@example.com"])
+    assert warm.data is not None and code(warm.data) == 250
+
+    def peak_kib() -> int:
+        with open(f"/proc/{pid}/status") as fh:
+            status = fh.read().splitlines()
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise AssertionError("no VmHWM")
+
+    before = peak_kib()
+    line = b"y" * 76 + b"\r\n"
+    big = message("a@sender.test", ["user@example.com"], body="") + line * (30 * 1024 * 1024
+                                                                              // len(line))
+    r = stack.send(["user@example.com"], big)
+    assert r.data is not None and code(r.data) == 250
+    growth_mib = (peak_kib() - before) / 1024
+    assert growth_mib < 10, growth_mib
+    sizes = sorted(job.message_size for _, job in stack.jobs())
+    assert sizes[-1] >= 30 * 1024 * 1024

@@ -1,0 +1,43 @@
+"""The one small interface every action implements.
+
+An action module exposes `run(ctx: ActionContext) -> Outcome`.  It raises
+`PermanentActionError` for a failure no retry can mend (a message over S3's
+40 MB limit) and lets anything else propagate: the runner classifies it,
+records it on the job and retries with backoff until the retry window ends.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from mxrules.errors import MxrulesError
+from mxrules.rules import Action
+from mxrules.spool import Job, MatchedRule
+
+Disposition = Literal["CONTINUE", "STOP_RULE", "STOP_RULE_SET"]
+
+
+@dataclass(frozen=True)
+class ActionContext:
+    job: Job
+    matched: MatchedRule  # the rule being run and the recipients it matched
+    action: Action
+    rule_index: int
+    action_index: int
+    message_path: str  # the raw message as received (read-only)
+    # AddHeader actions of this job that ran before this one, in order: the
+    # stored copy, `content` and `mail.headers` include them.
+    added_headers: tuple[tuple[str, str], ...]
+    clients: Any  # per-thread AWS clients (actions.aws.Clients)
+    settings: Any  # the worker's settings (actions.runner.WorkerSettings)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    disposition: Disposition = "CONTINUE"
+    detail: str = ""  # one line for logs and `mxrules spool show`
+
+
+class PermanentActionError(MxrulesError):
+    """A failure no retry can mend; the job is dead-lettered at once."""

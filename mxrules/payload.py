@@ -1,0 +1,542 @@
+"""SES's receipt payloads, built from a spooled job (SPEC §7, §8).
+
+Pure functions, no boto3: the worker's actions call them and send the result.
+
+    stored copy   = SES's prepended headers + AddHeaders run so far + raw message
+    mail          = envelope + the stored copy's headers + commonHeaders
+    receipt       = verdicts + the recipients one rule matched + the action
+    notification  = {"notificationType": "Received", mail, receipt, content?}
+    Lambda event  = {"Records": [{"eventSource": "aws:ses", ..., "ses": {mail, receipt}}]}
+
+What follows SES exactly (its developer guide's examples, and notifications
+captured from SES by its users):
+
+- Key order: notification `notificationType, mail, receipt, content`;
+  receipt `timestamp, processingTimeMillis, recipients, spam/virus/spf/dkim/
+  dmarcVerdict, dmarcPolicy, action`; `topicArn` right after an action's `type`,
+  present only when set.  S3 actions also carry `objectKeyPrefix` when the rule
+  has one (SES sends it; the guide's older example predates it).
+- SNS `encoding` reads `UTF8` or `BASE64` (not the API's `UTF-8`/`Base64`).
+  `content` is the stored copy: Base64 without line breaks, or the bytes decoded
+  as UTF-8 with U+FFFD for what is not UTF-8 (SES warns that UTF-8 "may not
+  preserve all special characters").
+- The JSON SES publishes is compact (`{"a":1,"b":[2]}`), non-ASCII unescaped.
+- `Received: from <helo> (<rdns> [<ip>]) by <host> with SMTP id <messageId>
+  for <rcpt>; <date> (UTC)`, folded in the stored copy before `by`, `for` and the
+  date.  SES writes `with SMTP` whether or not the client used STARTTLS.
+- Header values in `mail.headers` are unfolded the way SES does it: each line
+  break with the whitespace after it becomes one space.
+
+Decided here where SES says nothing:
+
+- `headersTruncated`: SES keeps "the first 10 KB" of headers.  Whole headers are
+  kept, in order, while their total size (`Name: value` plus CRLF, UTF-8) stays
+  within 10 240 bytes; the rest are dropped, never cut mid-value.
+  `commonHeaders` and `destination` still come from every header.
+- `commonHeaders` values are the header text as written (no RFC 2047 decoding),
+  address lists split at top-level commas; the first occurrence wins for the
+  single-valued fields; `returnPath` is SES's own `Return-Path` without `<>`.
+- `destination`: every address of every To and Cc header, in order, duplicates
+  kept (SES: "a complete list of all recipient addresses").
+- Header bytes that are not UTF-8 are read as Latin-1 (per header), so every
+  value is real text that any JSON encoder can write.
+- `Received: ... for` names the first envelope recipient only; `receipt.timestamp`
+  is the reception time, as in every SES example (the delay is in
+  `processingTimeMillis`).
+- IPv6 client addresses are written `[IPv6:…]`, as RFC 5321 and Postfix do.
+- `X-SES-RECEIPT` and `X-SES-DKIM-SIGNATURE` (SES signing its own receipt) are
+  not produced: mxrules has no SES key to sign with.
+- `Received-SPF` and `Authentication-Results` come from the scanners, which are
+  a later capability: they are passed in through `auth_headers` (already
+  formatted, in order) and sit after the verdict headers, as in SES.
+- Size limits (SNS content ≤ 150 KB, S3 ≤ 40 MB, SNS/Lambda payload sizes) are
+  the actions' to enforce: nothing here cuts `commonHeaders` or `destination`.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import ipaddress
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from email.utils import format_datetime, getaddresses
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+from .rules import (
+    Action,
+    AddHeaderAction,
+    BounceAction,
+    LambdaAction,
+    S3Action,
+    SNSAction,
+    StopAction,
+)
+from .spool import Job, MatchedRule
+
+if TYPE_CHECKING:
+    from _typeshed import WriteableBuffer
+
+SUBJECT = "Amazon SES Email Receipt Notification"
+HEADER_BLOCK_LIMIT = 1_048_576  # never hold more of a hostile header block than this
+HEADERS_LIMIT = 10 * 1024  # SES: headers are truncated "if larger than 10 KB"
+
+Header = tuple[str, str]
+
+_VERDICTS = (("spamVerdict", "spam"), ("virusVerdict", "virus"), ("spfVerdict", "spf"),
+             ("dkimVerdict", "dkim"), ("dmarcVerdict", "dmarc"))
+_ENCODINGS = MappingProxyType({"UTF-8": "UTF8", "UTF8": "UTF8", "BASE64": "BASE64"})
+_LIST_HEADERS = MappingProxyType(
+    {"from": "from", "reply-to": "replyTo", "to": "to", "cc": "cc", "bcc": "bcc"})
+_TEXT_HEADERS = MappingProxyType(
+    {"date": "date", "message-id": "messageId", "subject": "subject", "sender": "sender"})
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")  # RFC 5322 ftext
+# SES's order, as far as captured notifications show it (from, replyTo, date, to,
+# messageId, subject); sender, cc and bcc are placed where they read naturally.
+_COMMON_ORDER = ("returnPath", "from", "sender", "replyTo", "date", "to", "cc", "bcc",
+                 "messageId", "subject")
+
+
+# -- the message's own headers -------------------------------------------------
+
+
+def read_header_block(path: str, limit: int = HEADER_BLOCK_LIMIT) -> bytes:
+    """The message's header lines (without the empty line), at most `limit` bytes."""
+    return _read_header_block(path, limit)[0]
+
+
+def _read_header_block(path: str, limit: int) -> tuple[bytes, bool]:
+    """The header block and whether `limit` cut it; reads line by line, never the body."""
+    lines: list[bytes] = []
+    size = 0
+    with open(path, "rb") as fh:
+        while size < limit:
+            line = fh.readline(limit - size)
+            if not line or line in (b"\r\n", b"\n"):
+                return b"".join(lines), False
+            lines.append(line)
+            size += len(line)
+        after = fh.read(2)
+    if lines and not lines[-1].endswith(b"\n"):  # the cap fell inside a line
+        return b"".join(lines), after != b""
+    return b"".join(lines), not (after == b"" or after == b"\r\n" or after.startswith(b"\n"))
+
+
+def parse_headers(block: bytes) -> list[Header]:
+    """Unfolded `(name, value)` pairs in order; junk lines are skipped, never raised on.
+
+    A line without a colon, or whose name is not printable ASCII, is dropped
+    together with its continuation lines.  Parsing stops at the first empty line.
+    """
+    out: list[Header] = []
+    name: str | None = None
+    parts: list[bytes] = []
+    lines = block.split(b"\n")
+    if block.endswith(b"\n"):
+        lines.pop()  # the split's empty tail, not an empty line
+    for raw in lines:
+        line = raw[:-1] if raw.endswith(b"\r") else raw
+        if line[:1] in (b" ", b"\t"):
+            if name is not None:
+                parts.append(b" " + line.lstrip(b" \t"))
+            continue
+        if name is not None:
+            out.append((name, _text(b"".join(parts))))
+            name = None
+        if not line:
+            break  # the empty line: the body starts
+        colon = line.find(b":")
+        field = line[:colon].rstrip(b" \t") if colon > 0 else b""
+        if _FIELD_NAME.fullmatch(field):
+            name, parts = field.decode("ascii"), [line[colon + 1:]]
+    if name is not None:
+        out.append((name, _text(b"".join(parts))))
+    return out
+
+
+def _text(value: bytes) -> str:
+    value = value.strip(b" \t")
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        return value.decode("latin-1")
+
+
+# -- what SES prepends ---------------------------------------------------------
+
+
+def ses_prepended_headers(job: Job, *, auth_headers: Sequence[Header] = ()) -> list[Header]:
+    """SES's own headers on the stored copy, unfolded, in SES's order (SPEC §8)."""
+    return [(name, value) for name, value, _wire in _ses_fields(job, auth_headers)]
+
+
+def _ses_fields(job: Job, auth_headers: Sequence[Header]) -> list[tuple[str, str, str]]:
+    """(name, unfolded value, value as written in the stored copy)."""
+    received = [_one_line(part) for part in _received_parts(job)]
+    path = _one_line(f"<{job.mail_from}>")
+    fields = [
+        ("Return-Path", path, path),
+        ("Received", " ".join(received), "\r\n ".join(received)),
+    ]
+    for name, key in (("X-SES-Spam-Verdict", "spam"), ("X-SES-Virus-Verdict", "virus")):
+        status = _status(job, key)
+        if status != "DISABLED":
+            fields.append((name, status, status))
+    fields.extend((name, _one_line(value), _one_line(value)) for name, value in auth_headers)
+    return fields
+
+
+def _received_parts(job: Job) -> list[str]:
+    client = job.client
+    rdns = client.hostname or "unknown"
+    parts = [f"from {client.helo or rdns} ({rdns} [{_address_literal(client.address)}])",
+             f"by {job.hostname} with SMTP id {job.message_id}"]
+    if job.recipients:
+        parts.append(f"for {job.recipients[0]};")
+    else:
+        parts[-1] += ";"
+    parts.append(_rfc5322_date(job.received_at) + " (UTC)")
+    return parts
+
+
+def _address_literal(address: str) -> str:
+    try:
+        return f"IPv6:{address}" if ipaddress.ip_address(address).version == 6 else address
+    except ValueError:
+        return address
+
+
+def _rfc5322_date(ses_time: str) -> str:
+    """`2026-01-01T00:00:00.000Z` -> `Thu, 01 Jan 2026 00:00:00 +0000`."""
+    return format_datetime(datetime.fromisoformat(ses_time).astimezone(UTC))
+
+
+def stored_copy_prefix(job: Job, added_headers: Iterable[Header] = (), *,
+                       auth_headers: Sequence[Header] = ()) -> bytes:
+    """The bytes before the raw message in every stored copy (S3 object, SNS content)."""
+    fields = [(name, wire) for name, _value, wire in _ses_fields(job, auth_headers)]
+    fields.extend((name, _one_line(value)) for name, value in added_headers)
+    return "".join(f"{name}: {value}\r\n" for name, value in fields).encode("utf-8")
+
+
+def _one_line(value: str) -> str:
+    """Values come from config and SMTP: a stray CR or LF must never start a new header."""
+    return value.replace("\r", " ").replace("\n", " ")
+
+
+def stored_copy_headers(job: Job, message_path: str, added_headers: Iterable[Header] = (), *,
+                        auth_headers: Sequence[Header] = (),
+                        limit: int = HEADER_BLOCK_LIMIT) -> tuple[list[Header], bool]:
+    """The stored copy's headers for `mail_object`, and whether reading them was capped."""
+    block, capped = _read_header_block(message_path, limit)
+    headers = ses_prepended_headers(job, auth_headers=auth_headers)
+    headers.extend((name, _one_line(value)) for name, value in added_headers)
+    headers.extend(parse_headers(block))
+    return headers, capped
+
+
+class StoredCopy(io.RawIOBase):
+    """Prefix + message file as one read-only, seekable stream, for boto3 bodies.
+
+    The message is read from disk as the consumer asks for it, so a 40 MB message
+    costs no more memory than a small one; seek/tell let botocore rewind on retry.
+    """
+
+    def __init__(self, job: Job, message_path: str, added_headers: Iterable[Header] = (), *,
+                 auth_headers: Sequence[Header] = ()) -> None:
+        super().__init__()
+        self.prefix = stored_copy_prefix(job, added_headers, auth_headers=auth_headers)
+        self.message_path = message_path
+        self.size = len(self.prefix) + os.stat(message_path).st_size
+        self._pos = 0
+        self._fh: io.BufferedReader | None = None
+
+    def __len__(self) -> int:
+        return self.size
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        self._check_open()
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        self._check_open()
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self.size}.get(whence)
+        if base is None:
+            raise ValueError(f"invalid whence {whence!r}")
+        if base + offset < 0:
+            raise ValueError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer: WriteableBuffer) -> int:
+        self._check_open()
+        view = memoryview(buffer).cast("B")
+        done = 0
+        head = len(self.prefix)
+        if self._pos < head and view.nbytes:
+            chunk = self.prefix[self._pos:self._pos + view.nbytes]
+            view[:len(chunk)] = chunk
+            done = len(chunk)
+            self._pos += done
+        wanted = min(view.nbytes - done, self.size - self._pos)
+        if wanted > 0:
+            fh = self._file()
+            fh.seek(self._pos - head)
+            got = fh.readinto(view[done:done + wanted])
+            done += got
+            self._pos += got
+        return done
+
+    def read_all(self) -> bytes:
+        """The whole stored copy in memory: for small uses (SNS content ≤ 150 KB)."""
+        with open(self.message_path, "rb") as fh:
+            return self.prefix + fh.read(self.size - len(self.prefix))
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        super().close()
+
+    def _file(self) -> io.BufferedReader:
+        if self._fh is None:
+            self._fh = open(self.message_path, "rb")  # noqa: SIM115 - closed by close()
+        return self._fh
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError("I/O operation on closed StoredCopy")
+
+
+# -- mail ----------------------------------------------------------------------
+
+
+def mail_object(job: Job, headers: Sequence[Header], *, truncated: bool) -> dict[str, Any]:
+    """SES's `mail`; `headers` is the whole stored copy's, `truncated` if reading was capped."""
+    kept, cut = _first_10kb(headers)
+    return {
+        "timestamp": job.received_at,
+        "source": job.mail_from,
+        "messageId": job.message_id,
+        "destination": destination(headers),
+        "headersTruncated": truncated or cut,
+        "headers": [{"name": name, "value": value} for name, value in kept],
+        "commonHeaders": common_headers(headers),
+    }
+
+
+def _first_10kb(headers: Sequence[Header]) -> tuple[Sequence[Header], bool]:
+    total = 0
+    for count, (name, value) in enumerate(headers):
+        total += len(name.encode("utf-8")) + len(value.encode("utf-8")) + 4  # ": " CRLF
+        if total > HEADERS_LIMIT:
+            return headers[:count], True
+    return headers, False
+
+
+def destination(headers: Sequence[Header]) -> list[str]:
+    """Every address in the To and Cc headers, in order (SES's `mail.destination`)."""
+    found: list[str] = []
+    for name, value in headers:
+        if name.lower() in ("to", "cc"):
+            found.extend(addr for _name, addr in _addresses(value) if addr)
+    return found
+
+
+def _addresses(value: str) -> list[tuple[str, str]]:
+    # One header at a time: getaddresses' strict mode rejects a whole batch for one bad value.
+    try:
+        return getaddresses([value])
+    except Exception:  # hostile headers must not stop a delivery
+        return []
+
+
+def common_headers(headers: Sequence[Header]) -> dict[str, Any]:
+    """SES's `commonHeaders`: only the fields whose header is present."""
+    found: dict[str, Any] = {}
+    for name, value in headers:
+        key = name.lower()
+        if key == "return-path":
+            found.setdefault("returnPath", _unbracket(value))
+        elif key in _LIST_HEADERS:
+            found.setdefault(_LIST_HEADERS[key], []).extend(split_addresses(value))
+        elif key in _TEXT_HEADERS:
+            found.setdefault(_TEXT_HEADERS[key], value)
+    return {key: found[key] for key in _COMMON_ORDER if key in found}
+
+
+def _unbracket(value: str) -> str:
+    value = value.strip()
+    return value[1:-1] if value.startswith("<") and value.endswith(">") else value
+
+
+def split_addresses(value: str) -> list[str]:
+    """An address-list header split at top-level commas, each item as written.
+
+    Quotes, comments and angle brackets protect their commas; a group
+    (`name: a, b;`) stays one item, as SES's parser keeps it.
+    """
+    items: list[str] = []
+    start = 0
+    quoted = escaped = group = False
+    depth = angle = 0
+    for i, ch in enumerate(value):
+        if escaped:
+            escaped = False
+        elif ch == "\\" and (quoted or depth):
+            escaped = True
+        elif quoted:
+            quoted = ch != '"'
+        elif ch == '"':
+            quoted = True
+        elif ch == "(":
+            depth += 1
+        elif ch == ")" and depth:
+            depth -= 1
+        elif depth:
+            continue
+        elif ch == "<":
+            angle += 1
+        elif ch == ">" and angle:
+            angle -= 1
+        elif angle:
+            continue
+        elif ch == ":":
+            group = True
+        elif ch == ";" and group:
+            group = False
+        elif ch == "," and not group:
+            items.append(value[start:i])
+            start = i + 1
+    items.append(value[start:])
+    return [item.strip() for item in items if item.strip()]
+
+
+# -- receipt -------------------------------------------------------------------
+
+
+def receipt_object(job: Job, matched: MatchedRule, action: Action, *,
+                   processing_ms: int) -> dict[str, Any]:
+    """SES's `receipt` for one action of one matched rule."""
+    receipt: dict[str, Any] = {
+        "timestamp": job.received_at,
+        "processingTimeMillis": int(processing_ms),
+        "recipients": list(matched.recipients),
+    }
+    for field, key in _VERDICTS:
+        receipt[field] = {"status": _status(job, key)}
+    policy = job.verdicts.get("dmarc_policy")
+    if policy and _status(job, "dmarc") == "FAIL":
+        receipt["dmarcPolicy"] = policy
+    receipt["action"] = action_object(job, action)
+    return receipt
+
+
+def _status(job: Job, key: str) -> str:
+    return (job.verdicts.get(key) or "DISABLED").upper()
+
+
+def action_object(job: Job, action: Action) -> dict[str, Any]:
+    """`receipt.action`, with SES's field names and order for each type."""
+    out: dict[str, Any] = {"type": action.TYPE}
+    if action.topic_arn:
+        out["topicArn"] = action.topic_arn
+    if isinstance(action, S3Action):
+        out["bucketName"] = action.bucket_name
+        if action.object_key_prefix:
+            out["objectKeyPrefix"] = action.object_key_prefix
+        out["objectKey"] = object_key(job, action)
+    elif isinstance(action, SNSAction):
+        out["encoding"] = sns_encoding(action.encoding)
+    elif isinstance(action, LambdaAction):
+        out["functionArn"] = action.function_arn
+        out["invocationType"] = action.invocation_type
+    elif isinstance(action, BounceAction):
+        out["smtpReplyCode"] = action.smtp_reply_code
+        if action.status_code:
+            out["statusCode"] = action.status_code
+        out["message"] = action.message
+        out["sender"] = action.sender
+    elif isinstance(action, AddHeaderAction):
+        out["headerName"] = action.header_name
+        out["headerValue"] = action.header_value
+    elif not isinstance(action, StopAction):
+        raise TypeError(f"no SES payload for action {type(action).__name__}")
+    return out
+
+
+def object_key(job: Job, action: S3Action) -> str:
+    """SES's S3 key: the prefix and the messageId, no separator added."""
+    return (action.object_key_prefix or "") + job.message_id
+
+
+def sns_encoding(encoding: str) -> str:
+    """The rule's `UTF-8`/`Base64` as SES spells it in payloads: `UTF8`/`BASE64`."""
+    try:
+        return _ENCODINGS[encoding.upper()]
+    except KeyError:
+        raise ValueError(f"unknown SNS encoding {encoding!r}") from None
+
+
+# -- whole payloads ------------------------------------------------------------
+
+
+def notification(job: Job, matched: MatchedRule, action: Action, *,
+                 headers: Sequence[Header], truncated: bool, processing_ms: int,
+                 content: bytes | None = None, encoding: str | None = None) -> dict[str, Any]:
+    """An SNS notification; `content` (the stored copy's bytes) for SNS actions only."""
+    body: dict[str, Any] = {
+        "notificationType": "Received",
+        "mail": mail_object(job, headers, truncated=truncated),
+        "receipt": receipt_object(job, matched, action, processing_ms=processing_ms),
+    }
+    if content is not None:
+        if not isinstance(action, SNSAction):
+            raise ValueError(f"only an SNS action carries content, not {action.TYPE}")
+        body["content"] = encode_content(content, encoding or action.encoding)
+    return body
+
+
+def encode_content(content: bytes, encoding: str) -> str:
+    """`content` as SES writes it: Base64 on one line, or UTF-8 with U+FFFD for junk."""
+    if sns_encoding(encoding) == "BASE64":
+        return base64.b64encode(content).decode("ascii")
+    return content.decode("utf-8", errors="replace")
+
+
+def notification_json(job: Job, matched: MatchedRule, action: Action, *,
+                      headers: Sequence[Header], truncated: bool, processing_ms: int,
+                      content: bytes | None = None, encoding: str | None = None) -> str:
+    """The SNS message exactly as SES serialises it: compact, non-ASCII as is."""
+    return to_json(notification(job, matched, action, headers=headers, truncated=truncated,
+                                processing_ms=processing_ms, content=content,
+                                encoding=encoding))
+
+
+def lambda_event(job: Job, matched: MatchedRule, action: Action, *,
+                 headers: Sequence[Header], truncated: bool,
+                 processing_ms: int) -> dict[str, Any]:
+    """The Lambda action's event: SES's `mail` and `receipt`, never the body."""
+    return {"Records": [{
+        "eventSource": "aws:ses",
+        "eventVersion": "1.0",
+        "ses": {
+            "mail": mail_object(job, headers, truncated=truncated),
+            "receipt": receipt_object(job, matched, action, processing_ms=processing_ms),
+        },
+    }]}
+
+
+def to_json(payload: dict[str, Any]) -> str:
+    """SES's serialisation: no spaces after separators, non-ASCII unescaped."""
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
