@@ -8,9 +8,12 @@ records it on the job and retries with backoff until the retry window ends.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
+from mxrules import payload
 from mxrules.errors import MxrulesError
 from mxrules.rules import Action
 from mxrules.spool import Job, MatchedRule
@@ -37,6 +40,19 @@ class ActionContext:
 class Outcome:
     disposition: Disposition = "CONTINUE"
     detail: str = ""  # one line for logs and `mxrules spool show`
+    header: tuple[str, str] | None = None  # an AddHeader's header, for later stored copies
+
+
+def processing_ms(job: Job, now: float | None = None) -> int:
+    """SES's `processingTimeMillis`: from reception to this action."""
+    received = datetime.strptime(job.received_at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    when = time.time() if now is None else now
+    return max(0, int((when - received.timestamp()) * 1000))
+
+
+def stored_headers(ctx: ActionContext) -> tuple[list[tuple[str, str]], bool]:
+    """The stored copy's headers (for `mail.headers`) and whether reading them was capped."""
+    return payload.stored_copy_headers(ctx.job, ctx.message_path, ctx.added_headers)
 
 
 class PermanentActionError(MxrulesError):

@@ -5,6 +5,8 @@ SYNOPSIS
 
 COMMANDS
     milter          run the milter Postfix talks to (smtpd_milters)
+    worker          run the actions of spooled jobs (S3, SNS, Lambda, bounce, stop)
+    spool           list, show, requeue or delete spooled jobs
     check-config    check the config; exit 0, or 78 listing every problem
     explain         dry-run one SMTP transaction against the config
     import-ses      print SES JSON exports as mxrules YAML
@@ -30,7 +32,7 @@ import yaml
 from . import config as config_mod
 from . import ses
 from .decision import Engine
-from .errors import EX_CONFIG, EX_DATAERR, EX_USAGE, ConfigError
+from .errors import EX_CONFIG, EX_DATAERR, EX_USAGE, ConfigError, SpoolError
 from .explain import Transaction, explain, render
 
 
@@ -48,6 +50,31 @@ def _parser() -> argparse.ArgumentParser:
                    description="Run the milter: decide at connect and RCPT, spool at end "
                                "of data. Reloads the config when its files change or on "
                                "SIGUSR1.")
+    wk = sub.add_parser("worker", parents=[common], help="run the actions of spooled jobs",
+                        description="Claim spooled jobs and run their matched rules' actions "
+                                    "in order, retrying failures with backoff for the retry "
+                                    "window, then dead-lettering them. SIGTERM drains.")
+    wk.add_argument("--once", action="store_true",
+                    help="work until nothing is due, then exit (deferred jobs stay)")
+
+    sp = sub.add_parser("spool", parents=[common], help="list, show, requeue or delete jobs",
+                        description="Look at and act on the spool's jobs.")
+    spsub = sp.add_subparsers(dest="spool_command", metavar="ACTION", required=True)
+    ls = spsub.add_parser("list", parents=[common], help="a table of jobs")
+    ls.add_argument("--state", action="append", choices=["incoming", "active", "deferred",
+                                                         "failed", "corrupt"],
+                    help="only jobs in this state (repeatable; default: all)")
+    ls.add_argument("--json", action="store_true", help="print JSON for scripts")
+    sh = spsub.add_parser("show", parents=[common], help="one job in full")
+    sh.add_argument("id")
+    sh.add_argument("--json", action="store_true", help="print JSON for scripts")
+    rq = spsub.add_parser("requeue", parents=[common],
+                          help="retry dead-lettered (or deferred) jobs now, with a new window")
+    rq.add_argument("id", nargs="*")
+    rq.add_argument("--all-failed", action="store_true", help="every dead-lettered job")
+    rm = spsub.add_parser("delete", parents=[common], help="remove a job for good")
+    rm.add_argument("id", nargs="+")
+
     sub.add_parser("check-config", parents=[common], help="check the config and exit",
                    description="Check the config; print every problem as "
                                "'file:line: path: what is wrong' and exit 78, or exit 0.")
@@ -127,12 +154,40 @@ def cmd_import_ses(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_spool(args: argparse.Namespace) -> int:
+    from . import spool_cli
+    from .spool import Spool
+
+    spool = Spool(_load(args).spool_directory)
+    what = args.spool_command
+    if what == "list":
+        print(spool_cli.list_jobs(spool, args.state or spool_cli.ALL_STATES, args.json))
+    elif what == "show":
+        print(spool_cli.show_job(spool, args.id, args.json))
+    elif what == "requeue":
+        if not args.id and not args.all_failed:
+            print("mxrules spool requeue: give job ids or --all-failed", file=sys.stderr)
+            return EX_USAGE
+        done = spool_cli.requeue(spool, args.id, args.all_failed)
+        print(f"requeued {len(done)} job(s)" + "".join(f"\n  {i}" for i in done))
+    elif what == "delete":
+        for job_id in args.id:
+            state = spool.delete(job_id)
+            print(f"deleted {job_id} (was {state})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "milter":
             from mxrules.milter.daemon import run
             return run(getattr(args, "config", config_mod.DEFAULT_PATH))
+        if args.command == "worker":
+            from mxrules.actions.worker import run as run_worker
+            return run_worker(getattr(args, "config", config_mod.DEFAULT_PATH), args.once)
+        if args.command == "spool":
+            return cmd_spool(args)
         if args.command == "check-config":
             return cmd_check_config(args)
         if args.command == "explain":
@@ -143,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         return EX_CONFIG
+    except SpoolError as exc:
+        print(f"mxrules: {exc}", file=sys.stderr)
+        return EX_DATAERR
     except BrokenPipeError:
         return EX_DATAERR
     return EX_USAGE

@@ -32,6 +32,30 @@ DEFAULT_SPOOL = "/var/spool/mxrules"
 DEFAULT_MAX_SIZE = 40 * 1024 * 1024
 
 
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What `mxrules worker` and its actions need beyond the rules."""
+
+    threads: int = 4
+    scan_interval: float = 0.5
+    retry_window: float = 4 * 3600.0  # SES retries for up to 4 hours
+    retry_initial_delay: float = 1.0
+    retry_max_delay: float = 600.0
+    drain_timeout: float = 60.0
+    metrics_listen: str = "127.0.0.1:9902"
+    bounce_relay: str = "127.0.0.1:25"
+    smtp_timeout: float = 30.0
+
+
+@dataclass(frozen=True)
+class AwsSettings:
+    region: str | None = None
+    endpoint_url: str | None = None
+    endpoints: Mapping[str, str] = field(default_factory=dict)
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+
+
 @dataclass(frozen=True, eq=False)
 class Config:
     path: str
@@ -53,6 +77,8 @@ class Config:
     delivery: str = "consume"
     max_message_size: int = DEFAULT_MAX_SIZE
     limits: Limits = field(default_factory=Limits)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    aws: AwsSettings = field(default_factory=AwsSettings)
     files: tuple[str, ...] = ()  # every file read, for the reload watcher
 
     @property
@@ -406,6 +432,29 @@ def _build(path: str, data: dict[str, Any], node: yaml.Node | None) -> Config:
         raise ConfigError(problems)
 
     milter = data.get("milter", {})
+    worker = data.get("worker", {})
+    aws = data.get("aws", {})
+    bounce = data.get("bounce", {})
+    defaults = WorkerSettings()
+    worker_settings = WorkerSettings(
+        threads=worker.get("threads", defaults.threads),
+        scan_interval=float(worker.get("scan_interval", defaults.scan_interval)),
+        retry_window=float(worker.get("retry_window", defaults.retry_window)),
+        retry_initial_delay=float(worker.get("retry_initial_delay",
+                                             defaults.retry_initial_delay)),
+        retry_max_delay=float(worker.get("retry_max_delay", defaults.retry_max_delay)),
+        drain_timeout=float(worker.get("drain_timeout", defaults.drain_timeout)),
+        metrics_listen=data.get("metrics", {}).get("worker_listen", defaults.metrics_listen),
+        bounce_relay=bounce.get("smtp_relay", defaults.bounce_relay),
+        smtp_timeout=float(bounce.get("timeout", defaults.smtp_timeout)),
+    )
+    aws_settings = AwsSettings(
+        region=aws.get("region"),
+        endpoint_url=aws.get("endpoint_url"),
+        endpoints=dict(aws.get("endpoints", {})),
+        connect_timeout=float(aws.get("connect_timeout", 5.0)),
+        read_timeout=float(aws.get("read_timeout", 30.0)),
+    )
     return Config(
         path=path,
         hostname=data.get("hostname") or socket.getfqdn(),
@@ -426,6 +475,8 @@ def _build(path: str, data: dict[str, Any], node: yaml.Node | None) -> Config:
         delivery=data.get("delivery", "consume"),
         max_message_size=data.get("max_message_size", DEFAULT_MAX_SIZE),
         limits=limits,
+        worker=worker_settings,
+        aws=aws_settings,
         files=tuple(files),
     )
 

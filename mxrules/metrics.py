@@ -70,3 +70,47 @@ class MilterMetrics:
         self.reload_ok = Gauge(
             "mxrules_config_last_reload_successful",
             "1 if the last attempt to load the config succeeded, else 0.", registry=registry)
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.actions = Counter(
+            "mxrules_actions_total",
+            "Action attempts by type and outcome (ok; retry: failed, will be retried; "
+            "failed: failed for good, the job is a dead letter).",
+            ["type", "outcome"], registry=registry)
+        self.action_errors = Counter(
+            "mxrules_action_errors_total",
+            "Failed action attempts by type and reason (throttled, access-denied, timeout, "
+            "connection, server-error, client-error, permanent, ...).",
+            ["type", "reason"], registry=registry)
+        self.action_seconds = Histogram(
+            "mxrules_action_duration_seconds",
+            "Time an action attempt took, by type.", ["type"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=registry)
+        self.notifications = Counter(
+            "mxrules_action_notifications_total",
+            "Notifications published for an action's topic_arn, by action type.",
+            ["type"], registry=registry)
+        self.dispositions = Counter(
+            "mxrules_lambda_dispositions_total",
+            "Dispositions returned by RequestResponse Lambda functions.",
+            ["disposition"], registry=registry)
+        self.jobs = Counter(
+            "mxrules_jobs_total",
+            "Jobs finished by result (done, dead_lettered, corrupt).",
+            ["result"], registry=registry)
+        self.job_seconds = Histogram(
+            "mxrules_job_latency_seconds",
+            "From acceptance by the milter to the job's last action.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400),
+            registry=registry)
+        self.recovered = Counter(
+            "mxrules_jobs_recovered_total",
+            "Jobs taken over from a worker that died holding them; each may repeat one action.",
+            registry=registry)
+        self.dead_letters = Counter(
+            "mxrules_dead_letters_total",
+            "Jobs moved to the dead-letter state (spool failed/).", registry=registry)

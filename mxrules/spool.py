@@ -20,6 +20,8 @@ small job.json is the part that changes, always by write-fsync-rename.
 
 from __future__ import annotations
 
+import base64
+import fcntl
 import hashlib
 import json
 import os
@@ -37,6 +39,7 @@ JOB_VERSION = 1
 STATES = ("incoming", "active", "deferred", "failed", "corrupt")
 MESSAGE = "message"
 META = "job.json"
+LOCK = "lock"
 
 
 def ses_timestamp(when: datetime | None = None) -> str:
@@ -73,6 +76,12 @@ class Progress:
     last_error: str = ""
     stopped: str = ""  # "" | "rule_set": a Stop or a STOP_RULE_SET ended the job
     done: tuple[str, ...] = ()  # one line per finished action, for operators
+    # AddHeader actions that ran, in order: later stored copies include them.
+    added_headers: tuple[tuple[str, str], ...] = ()
+    # "action": the action at (rule, action) is next; "notify": it ran, and only
+    # its topic_arn notification is left (so a failed publish never re-runs it).
+    phase: str = "action"
+    disposition: str = ""  # in the "notify" phase: what the action answered
 
 
 @dataclass(frozen=True)
@@ -142,7 +151,11 @@ def _from_json(body: dict[str, Any]) -> Job:
         message_size=body["message_size"],
         message_sha256=body["message_sha256"],
         verdicts=dict(body.get("verdicts") or {}),
-        progress=Progress(**{**progress, "done": tuple(progress.get("done", ()))}),
+        progress=Progress(**{
+            **progress,
+            "done": tuple(progress.get("done", ())),
+            "added_headers": tuple((n, v) for n, v in progress.get("added_headers", ())),
+        }),
         version=body["version"],
     )
 
@@ -285,6 +298,137 @@ class Spool:
             except OSError:
                 continue
         return removed
+
+
+    # -- the worker's side ---------------------------------------------------
+    def claim(self, state: str, job_id: str) -> Claim | None:
+        """Take a job for this process, or None if another worker holds it.
+
+        Mutual exclusion is an flock(2) on the job's own `lock` file, taken
+        before the job is moved into active/: whoever holds the lock owns the
+        job, the lock follows the directory through renames, and the kernel
+        drops it when the owner dies -- so a job left in active/ by a dead
+        worker is simply claimed again (its in-flight action may run twice).
+        """
+        directory = self.path(state, job_id)
+        try:
+            fd = os.open(os.path.join(directory, LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+        except (FileNotFoundError, NotADirectoryError):
+            return None  # taken and finished or moved by another worker meanwhile
+        except OSError as exc:
+            raise SpoolError(f"cannot open lock of job {job_id}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if state != "active":
+                os.rename(directory, self.path("active", job_id))
+        except FileNotFoundError:
+            os.close(fd)  # moved by its previous owner just before we locked it
+            return None
+        except OSError as exc:
+            os.close(fd)
+            raise SpoolError(f"cannot claim job {job_id}: {exc}") from exc
+        try:
+            job = self.load("active", job_id)
+        except CorruptJobError:
+            try:
+                self.move(job_id, "active", "corrupt")  # kept for an operator, never deleted
+            finally:
+                os.close(fd)
+            raise
+        return Claim(self, job_id, fd, job)
+
+    def move(self, job_id: str, src: str, dst: str) -> None:
+        os.rename(self.path(src, job_id), self.path(dst, job_id))
+        _fsync_dir(os.path.join(self.root, dst))
+
+    def save(self, state: str, job: Job) -> None:
+        """Replace a job's job.json atomically (write, fsync, rename, fsync dir)."""
+        directory = self.path(state, job.message_id)
+        tmp = os.path.join(directory, META + ".tmp")
+        with open(tmp, "wb") as fh:
+            fh.write(job.encode())
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.rename(tmp, os.path.join(directory, META))
+        _fsync_dir(directory)
+
+    def requeue(self, job_id: str) -> Job:
+        """Give a dead letter (or a deferred job) another full retry window, now."""
+        state = self.find(job_id)
+        if state not in ("failed", "deferred"):
+            raise SpoolError(f"job {job_id} is {state or 'not in the spool'}, "
+                             "only failed or deferred jobs can be requeued")
+        claim = self.claim(state, job_id)
+        if claim is None:
+            raise SpoolError(f"job {job_id} is held by a worker")
+        job = with_progress(claim.job, attempts=0, first_attempt_at=None, next_due=0.0)
+        claim.save(job)
+        claim.move("incoming")
+        return job
+
+    def delete(self, job_id: str) -> str:
+        """Remove a job for good (an operator's decision); returns the state it was in."""
+        state = self.find(job_id)
+        if state is None:
+            raise SpoolError(f"no job {job_id} in the spool")
+        if state != "corrupt":
+            claim = self.claim(state, job_id)
+            if claim is None:
+                raise SpoolError(f"job {job_id} is held by a worker")
+            claim.finish()
+        else:
+            shutil.rmtree(self.path(state, job_id))
+        return state
+
+
+class Claim:
+    """A job held by this process: it sits in active/ and its lock is ours."""
+
+    def __init__(self, spool: Spool, job_id: str, fd: int, job: Job) -> None:
+        self.spool = spool
+        self.job_id = job_id
+        self.fd = fd
+        self.state = "active"
+        self.job = job
+
+    @property
+    def message_path(self) -> str:
+        return self.spool.message_path(self.state, self.job_id)
+
+    def save(self, job: Job) -> None:
+        self.spool.save(self.state, job)
+        self.job = job
+
+    def move(self, state: str) -> None:
+        """Hand the job to another state and let go of it."""
+        try:
+            self.spool.move(self.job_id, self.state, state)
+            self.state = state
+        finally:
+            self.release()
+
+    def finish(self) -> None:
+        """Every action is done: the job leaves the spool."""
+        try:
+            shutil.rmtree(self.spool.path(self.state, self.job_id))
+            _fsync_dir(os.path.join(self.spool.root, self.state))
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def message_time(job_id: str) -> float:
+    """When a job was received, from the time prefix of its messageId (Unix time)."""
+    raw = base64.b32hexdecode(job_id.upper().encode("ascii"))
+    return int.from_bytes(raw[:8], "big") / 1e9
 
 
 def with_progress(job: Job, **changes: Any) -> Job:

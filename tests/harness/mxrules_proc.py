@@ -1,4 +1,4 @@
-"""The real `mxrules milter` program as a subprocess, for integration tests."""
+"""The real `mxrules milter` and `mxrules worker` programs as subprocesses."""
 
 from __future__ import annotations
 
@@ -16,31 +16,40 @@ VENV_BIN = Path(sys.executable).parent
 MXRULES = str(VENV_BIN / "mxrules")
 
 
-class MilterProcess:
-    """`mxrules milter --config PATH` with its stderr captured to a file."""
+class MxrulesProcess:
+    """`mxrules COMMAND --config PATH` with its output captured to a file."""
 
-    def __init__(self, config_path: Path, port: int, log_path: Path) -> None:
+    command = "milter"
+
+    def __init__(self, config_path: Path, port: int, log_path: Path,
+                 env: dict[str, str] | None = None) -> None:
         self.config_path = config_path
         self.port = port
         self.log_path = log_path
+        self.env = env or {}
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def postfix_spec(self) -> str:
         return f"inet:127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 20) -> None:
+    def spawn(self) -> None:
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [MXRULES, "milter", "--config", str(self.config_path)],
-                stdout=log, stderr=log, env={**os.environ, "PYTHONSAFEPATH": "1"},
+                [MXRULES, self.command, "--config", str(self.config_path)],
+                stdout=log, stderr=log,
+                env={**os.environ, "PYTHONSAFEPATH": "1", **self.env},
             )
+
+    def start(self, timeout: float = 20) -> None:
+        self.spawn()
+        assert self.proc is not None
         try:
             wait_listening("127.0.0.1", self.port, timeout, connect=False)
         except TimeoutError:
             code = self.proc.poll()
             raise RuntimeError(
-                f"mxrules milter did not listen (exit={code}):\n{self.log()}") from None
+                f"mxrules {self.command} did not listen (exit={code}):\n{self.log()}") from None
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
@@ -79,10 +88,21 @@ class MilterProcess:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"no log line matching {pattern!r} in:\n{self.log()[-3000:]}")
             if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"milter exited ({self.proc.returncode}):\n{self.log()}")
+                raise RuntimeError(
+                    f"{self.command} exited ({self.proc.returncode}):\n{self.log()}")
             time.sleep(0.05)
 
     def problems(self) -> list[str]:
         """Log lines at WARNING or above (a happy path must have none)."""
         return [line for line in self.log().splitlines()
                 if line.startswith(("WARNING", "ERROR", "CRITICAL", "Traceback"))]
+
+
+class MilterProcess(MxrulesProcess):
+    command = "milter"
+
+
+class WorkerProcess(MxrulesProcess):
+    """The worker; `port` is its metrics port, which tells when it is up."""
+
+    command = "worker"

@@ -1,0 +1,67 @@
+"""Lambda: invoke a function with SES's event (no body); RequestResponse reads its answer.
+
+A RequestResponse function may answer `{"disposition": "STOP_RULE"}` (no more
+actions in this rule), `"STOP_RULE_SET"` (nothing more at all) or `"CONTINUE"`;
+anything else, or nothing, means continue -- case-insensitive, as in SES.
+A function that fails (FunctionError) is retried like any other failure.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from mxrules import payload
+from mxrules.rules import LambdaAction
+
+from .base import (
+    ActionContext,
+    Disposition,
+    Outcome,
+    PermanentActionError,
+    processing_ms,
+    stored_headers,
+)
+
+MAX_EVENT = 256 * 1024  # Lambda's limit for asynchronous (Event) payloads
+MAX_SYNC_EVENT = 6 * 1024 * 1024
+
+
+class FunctionFailed(Exception):
+    """The function ran and failed (or timed out); retried like any other failure."""
+
+
+def disposition_of(answer: bytes) -> Disposition:
+    """SES's reading of a RequestResponse answer: only a known disposition stops."""
+    try:
+        data: Any = json.loads(answer.decode("utf-8")) if answer.strip() else None
+    except (UnicodeDecodeError, ValueError):
+        return "CONTINUE"
+    value = data.get("disposition") if isinstance(data, dict) else None
+    if isinstance(value, str) and value.upper() in ("STOP_RULE", "STOP_RULE_SET"):
+        return "STOP_RULE" if value.upper() == "STOP_RULE" else "STOP_RULE_SET"
+    return "CONTINUE"
+
+
+def run(ctx: ActionContext) -> Outcome:
+    action = ctx.action
+    assert isinstance(action, LambdaAction)
+    headers, truncated = stored_headers(ctx)
+    event = payload.to_json(payload.lambda_event(
+        ctx.job, ctx.matched, action, headers=headers, truncated=truncated,
+        processing_ms=processing_ms(ctx.job))).encode("utf-8")
+    limit = MAX_SYNC_EVENT if action.invocation_type == "RequestResponse" else MAX_EVENT
+    if len(event) > limit:
+        raise PermanentActionError(f"Lambda event of {len(event)} bytes is over the "
+                                   f"{action.invocation_type} limit of {limit}")
+    reply = ctx.clients.lambda_.invoke(FunctionName=action.function_arn,
+                                       InvocationType=action.invocation_type, Payload=event)
+    answer = reply["Payload"].read() if reply.get("Payload") is not None else b""
+    if reply.get("FunctionError"):
+        raise FunctionFailed(f"{action.function_arn} failed ({reply['FunctionError']}): "
+                             f"{answer[:300]!r}")
+    if action.invocation_type != "RequestResponse":
+        return Outcome(detail=f"invoked {action.function_arn} (Event)")
+    disposition = disposition_of(answer)
+    return Outcome(disposition=disposition,
+                   detail=f"invoked {action.function_arn}: disposition {disposition}")

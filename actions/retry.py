@@ -1,0 +1,28 @@
+"""When to try a failed action again, and when to give up: a pure policy.
+
+Exponential backoff with "equal jitter" (half the delay fixed, half random),
+so a fleet of jobs that failed together does not retry in lockstep; given up
+once the action has been failing for longer than the retry window (SES: four
+hours), and at once for a permanent failure.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    window: float = 4 * 3600.0
+    initial_delay: float = 1.0
+    max_delay: float = 600.0
+
+    def delay(self, attempts: int, rand: Callable[[], float] = random.random) -> float:
+        """Seconds to wait after the `attempts`-th failure (1, 2, ...)."""
+        base = min(self.max_delay, self.initial_delay * 2.0 ** max(0, attempts - 1))
+        return base / 2 + rand() * base / 2
+
+    def gives_up(self, first_failure: float, now: float, *, permanent: bool = False) -> bool:
+        return permanent or now - first_failure >= self.window

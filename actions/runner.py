@@ -1,0 +1,159 @@
+"""Running one claimed job: its matched rules' actions, in order, exactly once each.
+
+Progress is saved after every action (write, fsync, rename), so a crash
+repeats at most the one action that was in flight.  An action with a
+`topic_arn` is done in two saved steps -- the action, then its notification --
+so a failed publish never repeats the action.  Dispositions follow SES: a Stop
+action or a Lambda's STOP_RULE_SET ends the job, STOP_RULE ends the rule.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mxrules.config import WorkerSettings
+from mxrules.errors import SpoolError
+from mxrules.metrics import WorkerMetrics
+from mxrules.rules import SNSAction
+from mxrules.spool import Claim, Job, message_time, with_progress
+
+from . import add_header, bounce, lambda_invoke, s3, sns, stop
+from .aws import Clients, classify
+from .base import ActionContext, Outcome, PermanentActionError
+from .retry import RetryPolicy
+
+log = logging.getLogger("mxrules.worker")
+
+ACTIONS: dict[str, Callable[[ActionContext], Outcome]] = {
+    "add_header": add_header.run,
+    "s3": s3.run,
+    "sns": sns.run,
+    "lambda": lambda_invoke.run,
+    "bounce": bounce.run,
+    "stop": stop.run,
+}
+
+
+def advance(job: Job, disposition: str) -> Job:
+    """The progress after the current action answered `disposition`."""
+    p = job.progress
+    reset = {"attempts": 0, "first_attempt_at": None, "next_due": 0.0, "last_error": "",
+             "phase": "action", "disposition": ""}
+    if disposition == "STOP_RULE_SET":
+        return with_progress(job, stopped="rule_set", **reset)
+    if disposition == "STOP_RULE":
+        return with_progress(job, rule=p.rule + 1, action=0, **reset)
+    return with_progress(job, action=p.action + 1, **reset)
+
+
+@dataclass
+class Runner:
+    settings: WorkerSettings
+    clients: Clients
+    metrics: WorkerMetrics
+    policy: RetryPolicy
+    stopping: threading.Event
+    clock: Callable[[], float] = time.time
+    rand: Callable[[], float] = random.random
+
+    def run(self, claim: Claim) -> str:
+        """Work a job until it is done, deferred or dead; returns which."""
+        job = claim.job
+        while True:
+            p = job.progress
+            if p.stopped or p.rule >= len(job.rules):
+                claim.finish()
+                self.metrics.jobs.labels("done").inc()
+                latency = self.clock() - message_time(job.message_id)
+                self.metrics.job_seconds.observe(max(0.0, latency))
+                log.info("job done message_id=%s queue_id=%s actions=%d%s", job.message_id,
+                         job.queue_id, len(p.done), " (rule set stopped)" if p.stopped else "")
+                return "done"
+            matched = job.rules[p.rule]
+            if p.action >= len(matched.rule.actions):
+                job = with_progress(job, rule=p.rule + 1, action=0)
+                continue
+            if self.stopping.is_set():
+                # Draining: hand the job back, due now, for the next worker to go on.
+                claim.move("deferred")
+                return "deferred"
+            action = matched.rule.actions[p.action]
+            ctx = ActionContext(job=job, matched=matched, action=action, rule_index=p.rule,
+                                action_index=p.action, message_path=claim.message_path,
+                                added_headers=p.added_headers, clients=self.clients,
+                                settings=self.settings)
+            started = time.monotonic()
+            try:
+                if p.phase == "action":
+                    outcome = ACTIONS[action.KEY](ctx)
+                    self.metrics.actions.labels(action.TYPE, "ok").inc()
+                    if action.TYPE == "Lambda":
+                        self.metrics.dispositions.labels(outcome.disposition).inc()
+                    added = p.added_headers + ((outcome.header,) if outcome.header else ())
+                    done = (*p.done, f"rule {matched.rule.name} action {p.action + 1} "
+                                     f"{action.TYPE}: {outcome.detail}")
+                    job = with_progress(job, added_headers=added, done=done)
+                    log.info("action ok message_id=%s rule=%s action=%d type=%s %s",
+                             job.message_id, matched.rule.name, p.action + 1, action.TYPE,
+                             outcome.detail)
+                    if action.topic_arn and not isinstance(action, SNSAction):
+                        job = with_progress(job, phase="notify",
+                                            disposition=outcome.disposition, attempts=0,
+                                            first_attempt_at=None, last_error="")
+                    else:
+                        job = advance(job, outcome.disposition)
+                    claim.save(job)
+                else:
+                    assert action.topic_arn
+                    note = sns.notify(ctx, action.topic_arn)
+                    self.metrics.notifications.labels(action.TYPE).inc()
+                    log.info("action notified message_id=%s rule=%s action=%d type=%s %s",
+                             job.message_id, matched.rule.name, p.action + 1, action.TYPE,
+                             note)
+                    job = advance(job, p.disposition or "CONTINUE")
+                    claim.save(job)
+            except SpoolError:
+                raise  # the spool itself failed: the job stays in active/ for recovery
+            except Exception as exc:
+                return self._failed(claim, job, action.TYPE, exc)
+            finally:
+                self.metrics.action_seconds.labels(action.TYPE).observe(
+                    time.monotonic() - started)
+
+    def _failed(self, claim: Claim, job: Job, kind: str, exc: Exception) -> str:
+        p = job.progress
+        now = self.clock()
+        reason = classify(exc)
+        first = p.first_attempt_at if p.first_attempt_at is not None else now
+        attempts = p.attempts + 1
+        step = "notification" if p.phase == "notify" else "action"
+        error = f"{kind} {step}: {reason}: {exc}"[:1000]
+        self.metrics.action_errors.labels(kind, reason).inc()
+        permanent = isinstance(exc, PermanentActionError)
+        rule = job.rules[p.rule].rule.name
+        if self.policy.gives_up(first, now, permanent=permanent):
+            job = with_progress(job, attempts=attempts, first_attempt_at=first, last_error=error)
+            claim.save(job)
+            claim.move("failed")
+            self.metrics.actions.labels(kind, "failed").inc()
+            self.metrics.jobs.labels("dead_lettered").inc()
+            self.metrics.dead_letters.inc()
+            log.error("job dead-lettered message_id=%s queue_id=%s rule=%s action=%d "
+                      "attempts=%d error=%r (mxrules spool requeue %s)", job.message_id,
+                      job.queue_id, rule, p.action + 1, attempts, error, job.message_id)
+            return "failed"
+        delay = self.policy.delay(attempts, self.rand)
+        job = with_progress(job, attempts=attempts, first_attempt_at=first, last_error=error,
+                            next_due=now + delay)
+        claim.save(job)
+        claim.move("deferred")
+        self.metrics.actions.labels(kind, "retry").inc()
+        log.warning("action failed, will retry message_id=%s rule=%s action=%d attempts=%d "
+                    "in=%.1fs error=%r", job.message_id, rule, p.action + 1, attempts, delay,
+                    error)
+        return "deferred"

@@ -1,0 +1,213 @@
+"""`mxrules worker`: claims spooled jobs and runs their actions.
+
+Each of `worker.threads` threads looks for work in this order: new jobs
+(incoming/, oldest first), deferred jobs whose retry time has come, then jobs
+left in active/ by a worker that died (their lock is free).  The look is a
+directory listing every `worker.scan_interval` seconds -- the scan is the
+truth, as in Postfix's queue manager; nothing is lost if a wake-up is missed.
+Several worker processes may share one spool: a job belongs to whoever holds
+its flock.
+
+SIGTERM or SIGINT drains: no new job is taken, each thread finishes the action
+it is in, saves the job's progress and hands it back; after
+`worker.drain_timeout` seconds the program exits anyway, and whatever was still
+running is taken over at the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from mxrules import config as config_mod
+from mxrules.config import Config
+from mxrules.errors import EX_CONFIG, EX_UNAVAILABLE, ConfigError, CorruptJobError, SpoolError
+from mxrules.metrics import WorkerMetrics
+from mxrules.spool import STATES, Claim, Spool, message_time
+
+from .aws import Clients
+from .retry import RetryPolicy
+from .runner import Runner
+
+log = logging.getLogger("mxrules.worker")
+
+
+class SpoolCollector(Collector):
+    """Jobs per state and the age of the oldest, read from the spool at scrape time."""
+
+    def __init__(self, spool: Spool) -> None:
+        self.spool = spool
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        count = GaugeMetricFamily("mxrules_spool_jobs", "Jobs in the spool, by state.",
+                                  labels=["state"])
+        oldest = GaugeMetricFamily(
+            "mxrules_spool_oldest_job_age_seconds",
+            "Age of the oldest job in each state (0 when there is none).", labels=["state"])
+        now = time.time()
+        for state in STATES:
+            try:
+                ids = self.spool.ids(state)
+            except SpoolError:
+                ids = []
+            count.add_metric([state], len(ids))
+            age = now - min(message_time(i) for i in ids) if ids else 0.0
+            oldest.add_metric([state], max(0.0, age))
+        yield count
+        yield oldest
+
+
+class Worker:
+    def __init__(self, cfg: Config, registry: CollectorRegistry) -> None:
+        self.cfg = cfg
+        self.spool = Spool(cfg.spool_directory)
+        self.metrics = WorkerMetrics(registry)
+        registry.register(SpoolCollector(self.spool))
+        w = cfg.worker
+        self.policy = RetryPolicy(w.retry_window, w.retry_initial_delay, w.retry_max_delay)
+        self.stopping = threading.Event()
+        self._due: dict[str, tuple[int, float]] = {}  # deferred id -> (mtime_ns, next_due)
+        self._lock = threading.Lock()
+
+    # -- finding work ---------------------------------------------------------
+    def _try(self, state: str, job_id: str) -> Claim | None:
+        try:
+            return self.spool.claim(state, job_id)
+        except CorruptJobError as exc:
+            self.metrics.jobs.labels("corrupt").inc()
+            log.error("job moved to corrupt/: %s", exc)
+            return None
+
+    def _next_due(self, job_id: str) -> float:
+        """A deferred job's retry time, read again only when its job.json changed."""
+        path = os.path.join(self.spool.path("deferred", job_id), "job.json")
+        try:
+            mtime = os.stat(path).st_mtime_ns
+        except OSError:
+            return float("inf")
+        with self._lock:
+            cached = self._due.get(job_id)
+        if cached and cached[0] == mtime:
+            return cached[1]
+        try:
+            due = self.spool.load("deferred", job_id).progress.next_due
+        except CorruptJobError:
+            due = 0.0  # claim it now; the claim moves it to corrupt/
+        except SpoolError:
+            return float("inf")
+        with self._lock:
+            self._due[job_id] = (mtime, due)
+        return due
+
+    def next_job(self) -> Claim | None:
+        for job_id in self.spool.ids("incoming"):
+            claim = self._try("incoming", job_id)
+            if claim:
+                return claim
+        now = time.time()
+        deferred = self.spool.ids("deferred")
+        with self._lock:
+            for gone in set(self._due) - set(deferred):
+                del self._due[gone]
+        for job_id in deferred:
+            if self._next_due(job_id) <= now:
+                claim = self._try("deferred", job_id)
+                if claim:
+                    return claim
+        for job_id in self.spool.ids("active"):
+            claim = self._try("active", job_id)
+            if claim:
+                self.metrics.recovered.inc()
+                log.warning("job recovered from a worker that stopped holding it "
+                            "message_id=%s (its last action may run again)", job_id)
+                return claim
+        return None
+
+    # -- working ----------------------------------------------------------------
+    def work(self, name: str, once: bool = False) -> None:
+        runner = Runner(self.cfg.worker, Clients(self.cfg.aws), self.metrics, self.policy,
+                        self.stopping)
+        while not self.stopping.is_set():
+            try:
+                claim = self.next_job()
+            except SpoolError as exc:
+                log.error("spool unusable: %s", exc)
+                claim = None
+            if claim is None:
+                if once:
+                    return
+                self.stopping.wait(self.cfg.worker.scan_interval)
+                continue
+            try:
+                runner.run(claim)
+            except SpoolError as exc:
+                log.error("spool error while working on %s: %s", claim.job_id, exc)
+            except Exception:
+                log.exception("unexpected error in %s on job %s", name, claim.job_id)
+            finally:
+                claim.release()
+
+    def run_threads(self, once: bool = False) -> None:
+        threads = [threading.Thread(target=self.work, args=(f"worker-{i}", once),
+                                    name=f"worker-{i}", daemon=True)
+                   for i in range(self.cfg.worker.threads)]
+        for t in threads:
+            t.start()
+        if once:
+            for t in threads:
+                t.join()
+            return
+        self.stopping.wait()
+        deadline = time.monotonic() + self.cfg.worker.drain_timeout
+        for t in threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        busy = sum(t.is_alive() for t in threads)
+        if busy:
+            log.warning("drain timeout: %d thread(s) still in an action; their jobs are "
+                        "taken over at the next start", busy)
+
+
+def run(path: str, once: bool = False) -> int:
+    from mxrules.milter.daemon import serve_metrics, setup_logging
+
+    try:
+        cfg = config_mod.load(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EX_CONFIG
+    setup_logging(cfg.log_level)
+    registry = CollectorRegistry()
+    worker = Worker(cfg, registry)
+    try:
+        worker.spool.ensure()
+    except OSError as exc:
+        log.error("spool %s is not usable: %s", cfg.spool_directory, exc)
+        return EX_UNAVAILABLE
+    try:
+        serve_metrics(cfg.worker.metrics_listen, registry)
+    except (OSError, ValueError) as exc:
+        log.error("cannot serve metrics on %s: %s", cfg.worker.metrics_listen, exc)
+        return EX_UNAVAILABLE
+
+    def drain(signum: int, _frame: object) -> None:
+        log.info("%s: draining", signal.Signals(signum).name)
+        worker.stopping.set()
+
+    signal.signal(signal.SIGTERM, drain)
+    signal.signal(signal.SIGINT, drain)
+    log.info("worker starting: spool=%s threads=%d retry_window=%ss region=%s endpoint=%s",
+             cfg.spool_directory, cfg.worker.threads, int(cfg.worker.retry_window),
+             cfg.aws.region or "-", cfg.aws.endpoint_url or "-")
+    worker.run_threads(once)
+    log.info("worker stopped")
+    return 0

@@ -1,0 +1,114 @@
+"""`mxrules spool ...`: what an operator sees of, and does to, the spool."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from .errors import CorruptJobError, SpoolError
+from .spool import STATES, Job, Spool, message_time
+
+
+def _age(seconds: float) -> str:
+    """`95` -> `1m35s`; `7300` -> `2h1m`; two units at most, for a narrow column."""
+    s = max(0, int(seconds))
+    if s >= 86400:
+        return f"{s // 86400}d{s % 86400 // 3600}h"
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60}s"
+    return f"{s}s"
+
+
+def _next_action(job: Job) -> str:
+    p = job.progress
+    if p.stopped or p.rule >= len(job.rules):
+        return "-"
+    rule = job.rules[p.rule].rule
+    if p.action >= len(rule.actions):
+        return f"{rule.name}: end"
+    kind = rule.actions[p.action].TYPE
+    return f"{rule.name} #{p.action + 1} {kind}" + (" (notify)" if p.phase == "notify" else "")
+
+
+def row(state: str, job_id: str, job: Job | CorruptJobError, now: float) -> dict[str, Any]:
+    base: dict[str, Any] = {"id": job_id, "state": state,
+                            "age_seconds": round(now - message_time(job_id), 1)}
+    if isinstance(job, CorruptJobError):
+        return {**base, "error": job.cause}
+    p = job.progress
+    return {**base, "queue_id": job.queue_id, "from": job.mail_from,
+            "recipients": list(job.recipients), "attempts": p.attempts,
+            "next_action": _next_action(job),
+            "next_due_in": round(max(0.0, p.next_due - now), 1) if state == "deferred" else None,
+            "last_error": p.last_error}
+
+
+def list_jobs(spool: Spool, states: list[str], as_json: bool) -> str:
+    now = time.time()
+    rows = [row(state, job_id, job, now) for state in states for job_id, job in spool.jobs(state)]
+    if as_json:
+        return json.dumps(rows, indent=2)
+    if not rows:
+        return f"no jobs ({', '.join(states)})"
+    lines = [f"{'ID':40}  {'AGE':>6}  {'STATE':8}  {'TRY':>3}  {'NEXT ACTION':28}  LAST ERROR"]
+    for r in rows:
+        error = (r.get("last_error") or r.get("error") or "").replace("\n", " ")
+        lines.append(f"{r['id']:40}  {_age(r['age_seconds']):>6}  {r['state']:8}  "
+                     f"{r.get('attempts', '-')!s:>3}  {str(r.get('next_action', '-'))[:28]:28}  "
+                     f"{error[:80]}")
+    counts = ", ".join(f"{s}: {sum(1 for r in rows if r['state'] == s)}" for s in states)
+    lines.append(f"{len(rows)} job(s) ({counts})")
+    return "\n".join(lines)
+
+
+def show_job(spool: Spool, job_id: str, as_json: bool) -> str:
+    state = spool.find(job_id)
+    if state is None:
+        raise SpoolError(f"no job {job_id} in the spool")
+    try:
+        job = spool.load(state, job_id)
+    except CorruptJobError as exc:
+        return json.dumps({"id": job_id, "state": state, "error": exc.cause}, indent=2) \
+            if as_json else f"{job_id} ({state}): cannot be decoded: {exc.cause}"
+    from .spool import _to_json
+    data = {"id": job_id, "state": state, "message_path": spool.message_path(state, job_id),
+            **_to_json(job)}
+    if as_json:
+        return json.dumps(data, indent=2)
+    p = job.progress
+    out = [f"job {job_id} ({state})",
+           f"  received   {job.received_at} (Postfix queue id {job.queue_id or '-'})",
+           f"  client     [{job.client.address}] {job.client.hostname} helo={job.client.helo}"
+           f" tls={job.client.tls_version or 'no'}",
+           f"  from       <{job.mail_from}>",
+           f"  rule set   {job.rule_set}",
+           f"  size       {job.message_size} bytes, sha256 {job.message_sha256}",
+           f"  message    {spool.message_path(state, job_id)}"]
+    for i, m in enumerate(job.rules):
+        marker = ">" if i == p.rule and not p.stopped else " "
+        out.append(f" {marker}rule {m.rule.name}: {', '.join(m.recipients)}")
+        for j, a in enumerate(m.rule.actions):
+            here = "  <- next" if i == p.rule and j == p.action and not p.stopped else ""
+            out.append(f"      {j + 1}. {a.TYPE}{here}")
+    wait = f", next try in {max(0.0, p.next_due - time.time()):.0f}s" \
+        if state == "deferred" else ""
+    out.append(f"  attempts   {p.attempts}{wait}")
+    if p.last_error:
+        out.append(f"  last error {p.last_error}")
+    if p.done:
+        out.append("  done:")
+        out += [f"    {d}" for d in p.done]
+    return "\n".join(out)
+
+
+def requeue(spool: Spool, ids: list[str], all_failed: bool) -> list[str]:
+    targets = spool.ids("failed") if all_failed else ids
+    for job_id in targets:
+        spool.requeue(job_id)
+    return targets
+
+
+ALL_STATES = list(STATES)
