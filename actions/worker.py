@@ -190,7 +190,8 @@ def run(path: str, once: bool = False) -> int:
     worker = Worker(cfg, registry)
     try:
         worker.spool.ensure()
-    except OSError as exc:
+        worker.spool.clean_done()
+    except (OSError, SpoolError) as exc:
         log.error("spool %s is not usable: %s", cfg.spool_directory, exc)
         return EX_UNAVAILABLE
     try:

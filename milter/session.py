@@ -9,13 +9,21 @@ from RCPT to EOM even if the config is reloaded meanwhile.
 Header and body callbacks never fail the SMTP conversation themselves (Postfix
 is told not to wait for their replies): a spool error is remembered and
 answered at end of data with 451, before any 250.
+
+A connection from a trusted forwarder (one of the user's own relays, SPEC §3)
+is not judged by its own address: each message is judged at end of data by
+the original client named in the relay's own `Received:` header.  Postfix
+(checked against 3.7) does not pass the `Received:` header it adds itself to
+the milter, so the first `Received:` the milter sees is the forwarder's.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from mxrules.decision import (
@@ -23,6 +31,7 @@ from mxrules.decision import (
     TEMPFAIL_INTERNAL,
     TEMPFAIL_SPOOL,
     TOO_BIG,
+    ConnectDecision,
     Engine,
     RcptDecision,
     Reply,
@@ -30,7 +39,7 @@ from mxrules.decision import (
 )
 from mxrules.errors import SpoolError
 from mxrules.ids import new_message_id
-from mxrules.ipfilter import parse_ip
+from mxrules.ipfilter import IPAddress, parse_ip
 from mxrules.metrics import BILLING_CHUNK, MilterMetrics
 from mxrules.spool import Client, Job, JobWriter, MatchedRule, Spool, ses_timestamp
 
@@ -40,6 +49,12 @@ DISABLED_VERDICTS = {
     "spam": "DISABLED", "virus": "DISABLED", "spf": "DISABLED",
     "dkim": "DISABLED", "dmarc": "DISABLED",
 }
+
+# A chain of the user's own relays deeper than this is not credible (Postfix's
+# own hopcount_limit is 50); beyond it the forwarder's address is kept.  The
+# from-clause is at the start of a Received value, so a prefix is enough.
+MAX_RECEIVED = 20
+RECEIVED_PREFIX = 1024
 
 
 @dataclass
@@ -73,6 +88,13 @@ class _Message:
     failed: Reply | None = None  # set when a header/body step could not be stored
     too_big: bool = False
     started: float = field(default_factory=time.monotonic)
+    # Forwarded connections only: the Received values, topmost first, and what
+    # they say about the original client (settled once, at EOH or EOM).
+    received: list[bytes] = field(default_factory=list)
+    judged: bool = False
+    client: Client | None = None  # None: the connection's own client
+    blocked: ConnectDecision | None = None
+    unresolved: str = ""  # why the original client could not be found
 
     @property
     def handled(self) -> list[RcptDecision]:
@@ -84,6 +106,7 @@ class Session:
         self.rt = runtime
         self.conn_id = conn_id
         self.client = Client(address="")
+        self.forwarder: IPAddress | None = None  # set for a trusted forwarder's connection
         self.msg: _Message | None = None
         self.queue_id = ""
 
@@ -100,6 +123,7 @@ class Session:
     # -- SMTP stages ----------------------------------------------------------
     def connect(self, address: str, hostname: str) -> Reply:
         engine = self.rt.engine
+        self.forwarder = None
         try:
             addr = parse_ip(address)
         except ValueError:
@@ -109,9 +133,17 @@ class Session:
             self._log(logging.INFO, "connect", client=address, result="accept",
                       reason="no-ip-address")
             return CONTINUE
-        self.client = Client(address=str(addr), hostname=hostname)
         if engine.is_trusted_forwarder(addr):
+            # One of the user's own relays: its address says nothing about who
+            # sent the mail, and filtering it would refuse all of the relay's
+            # mail.  Each message is judged by its original client at EOM.
+            self.forwarder = addr
             self.client = Client(address=str(addr), hostname=hostname, forwarded_by=str(addr))
+            self.rt.metrics.connections.labels("accepted").inc()
+            self._log(logging.DEBUG, "connect", client=addr, result="accept",
+                      reason="trusted-forwarder")
+            return CONTINUE
+        self.client = Client(address=str(addr), hostname=hostname)
         decision = engine.connect(addr)
         if decision.reply.verb == "reject":
             self.rt.metrics.connections.labels("rejected").inc()
@@ -166,7 +198,7 @@ class Session:
         for other domains passes through Postfix untouched and unstored.
         """
         msg = self.msg
-        if msg is None or msg.failed is not None or not msg.handled:
+        if msg is None or msg.failed is not None or msg.blocked is not None or not msg.handled:
             return None
         if msg.writer is None:
             try:
@@ -201,10 +233,37 @@ class Session:
             self._spool_failed(exc)
 
     def header(self, name: str, value: bytes) -> None:
+        msg = self.msg
+        if (self.forwarder is not None and msg is not None and name.lower() == "received"
+                and len(msg.received) < MAX_RECEIVED):
+            msg.received.append(value[:RECEIVED_PREFIX])
         self._write(name.encode("ascii", "surrogateescape") + b":" + _crlf(value) + b"\r\n")
 
     def eoh(self) -> None:
+        if self.msg is not None:
+            # All headers are in: judge now, so a blocked message's body is never stored.
+            self._judge(self.msg)
         self._write(b"\r\n")
+
+    def _judge(self, msg: _Message) -> None:
+        """For a forwarded message: find the original client and apply the IP filters to it."""
+        if msg.judged or self.forwarder is None:
+            return
+        msg.judged = True
+        hop, msg.unresolved = original_client(msg.received, msg.engine.is_trusted_forwarder)
+        if hop is None:
+            # Nothing to judge but the forwarder, which is trusted: the mail goes on.
+            return
+        c = self.client
+        # TLS stays the forwarder's: it is the only hop whose TLS mxrules saw.
+        msg.client = Client(str(hop.address), hop.rdns, hop.helo, c.tls_version, c.tls_cipher,
+                            str(self.forwarder))
+        decision = msg.engine.connect(hop.address)
+        if decision.reply.verb == "reject":
+            msg.blocked = decision
+            if msg.writer is not None:
+                msg.writer.abort()
+                msg.writer = None
 
     def body(self, chunk: bytes) -> None:
         self._write(chunk)
@@ -214,6 +273,13 @@ class Session:
         msg, self.msg = self.msg, None
         if msg is None:
             return EomResult(TEMPFAIL_INTERNAL)
+        self._judge(msg)
+        if msg.unresolved:
+            # The filters cannot judge this message: say so once, with the queue id.
+            self._log(logging.INFO, "forwarded", sender=msg.sender, forwarder=self.forwarder,
+                      result="unresolved", reason=msg.unresolved)
+        if msg.blocked is not None:
+            return self._blocked(msg, msg.blocked)
         if msg.failed is None and not msg.handled:
             if msg.writer is not None:
                 msg.writer.abort()
@@ -245,7 +311,7 @@ class Session:
             rule_set=engine.rule_set.name if engine.rule_set else "",
             mail_from=msg.sender,
             recipients=recipients,
-            client=self.client,
+            client=msg.client or self.client,
             rules=tuple(MatchedRule(p.rule, tuple(_bare(r) for r in p.recipients))
                         for p in plan),
             in_stream_headers=tuple(headers),
@@ -276,11 +342,31 @@ class Session:
         discard = consume and not others
         delete = tuple(d.recipient for d in msg.handled) if consume and others else ()
         self._log(logging.INFO, "eom", message_id=job.message_id, sender=msg.sender,
+                  client=msg.client.address if msg.client else None,
+                  forwarded_by=msg.client.forwarded_by if msg.client else None,
                   rcpts=len(recipients), rules=",".join(p.rule.name for p in plan),
                   size=job.message_size, result="spooled",
                   delivery="discard" if discard else ("partial" if delete else "deliver"),
                   ms=int((time.monotonic() - msg.started) * 1000))
         return EomResult(CONTINUE, tuple(headers), delete, discard, job.message_id)
+
+    def _blocked(self, msg: _Message, decision: ConnectDecision) -> EomResult:
+        """A forwarded message whose original client the IP filters refuse.
+
+        The answer a direct connection from that client would have had at
+        connect, given at end of data; whatever was stored is dropped.  The
+        connection was counted as accepted at connect: the refusal is a
+        message's, counted as a rejected message and a data-stage rejection.
+        """
+        if msg.writer is not None:
+            msg.writer.abort()
+        f = decision.filters
+        self.rt.metrics.messages.labels("rejected").inc()
+        self.rt.metrics.rejections.labels("data", f.reason).inc()
+        self._log(logging.INFO, "eom", sender=msg.sender, client=decision.client,
+                  forwarded_by=self.forwarder, result="reject", reason=f.reason, filter=f.name,
+                  cidr=f.cidr, reply=decision.reply)
+        return EomResult(decision.reply)
 
     def _writer_for(self, msg: _Message) -> JobWriter | None:
         """A message with no header or body callbacks at all still gets a file."""
@@ -314,6 +400,100 @@ class Session:
                   self.conn_id, self.queue_id, stage, exc, exc_info=exc)
         self.abort()
         return TEMPFAIL_INTERNAL
+
+
+@dataclass(frozen=True)
+class Hop:
+    """The sending side of one Received header: who connected to the MTA that wrote it."""
+
+    address: IPAddress
+    helo: str = ""
+    rdns: str = ""
+
+
+# An address literal: `[192.0.2.1]`, `[IPv6:2001:db8::1]`, Exim's `[2001:db8::1]`.
+_LITERAL = re.compile(r"\[([^\]\s]{2,80})\]")
+
+
+def parse_received(value: bytes) -> Hop | None:
+    """The client a `Received:` header says its writer received from; None if unsure.
+
+    Understood: Postfix and Sendmail `from HELO (RDNS [IP])`, Exim
+    `from RDNS ([IP] helo=HELO)` and `from [IP] (helo=HELO)`, Exchange
+    `from HOST (IP)`.  The first word is the HELO name in the Postfix form,
+    chosen by the client, so an address literal there counts only when the
+    comment after it names no address (Exim's form without reverse DNS).
+    """
+    text = " ".join(value.decode("latin-1").split())
+    if text[:5].lower() != "from ":
+        return None  # e.g. `by host (Postfix, from userid 0)`: a local submission
+    first, _, rest = text[5:].partition(" ")
+    comment = _comment(rest)
+    for candidate in (comment, first):
+        literal = _LITERAL.search(candidate)
+        if literal is None:
+            continue
+        try:
+            address = parse_ip(literal.group(1))
+        except ValueError:
+            continue
+        if candidate is first:  # `from [IP] (helo=NAME)`: no reverse name
+            return Hop(address, _exim_helo(comment) or first, "")
+        before = candidate[:literal.start()].strip()
+        if before:  # `from HELO (RDNS [IP])`
+            return Hop(address, first, before.split()[-1])
+        # Exim's `from RDNS ([IP] helo=HELO)`; without `helo=` the same form
+        # is Sendmail's `from HELO ([IP])` (no reverse name) or Exim's with
+        # HELO = RDNS: only the HELO name is sure.
+        helo = _exim_helo(comment)
+        return Hop(address, helo or first, first if helo else "")
+    try:  # Exchange: `from HOST (IP)`
+        return Hop(parse_ip(comment), first, "")
+    except ValueError:
+        return None
+
+
+def _comment(text: str) -> str:
+    """The parenthesised comment `text` starts with (nested parentheses allowed)."""
+    if not text.startswith("("):
+        return ""
+    depth = 0
+    for i, ch in enumerate(text):
+        depth += (ch == "(") - (ch == ")")
+        if depth == 0:
+            return text[1:i]
+    return text[1:]
+
+
+def _exim_helo(comment: str) -> str:
+    for word in comment.split():
+        if word.lower().startswith("helo="):
+            return word[5:]
+    return ""
+
+
+def original_client(
+    received: Sequence[bytes], trusted: Callable[[IPAddress], bool]
+) -> tuple[Hop | None, str]:
+    """The first hop below the user's own relays, or None and why not.
+
+    The topmost header was written by the trusted forwarder, so the client
+    it names is true.  A header below is only as good as its writer: it is
+    read only while every hop above it named a relay of the user's (or the
+    relay itself over loopback, e.g. a content filter re-injecting).  An
+    unparsable header ends the walk: who wrote the next one is unknown.
+    """
+    for value in received:
+        hop = parse_received(value)
+        if hop is None:
+            return None, "unparsable-received"
+        if not (trusted(hop.address) or hop.address.is_loopback):
+            return hop, ""
+    if not received:
+        return None, "no-received"
+    if len(received) >= MAX_RECEIVED:
+        return None, "too-many-hops"
+    return None, "only-trusted-hops"
 
 
 def _bare(address: str) -> str:

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .decision import Engine, RcptDecision, RulePlan, in_stream_headers
-from .ipfilter import parse_ip
+from .decision import CONTINUE, ConnectDecision, Engine, RcptDecision, RulePlan, in_stream_headers
+from .ipfilter import FilterDecision, parse_ip
 from .rules import (
     Action,
     AddHeaderAction,
@@ -68,7 +68,10 @@ def explain(engine: Engine, tx: Transaction) -> dict[str, Any]:
     }
     addr = parse_ip(tx.client_ip)
     trusted = engine.is_trusted_forwarder(addr)
-    conn = engine.connect(addr)
+    # As the milter: a trusted forwarder itself is not filtered; the original
+    # client it names in its Received: header is, at end of data.
+    conn = engine.connect(addr) if not trusted else ConnectDecision(
+        str(addr), FilterDecision(True, "trusted-forwarder"), CONTINUE)
     out["connect"] = {
         "result": "accept" if conn.reply.verb == "continue" else "reject",
         "decided_by": conn.filters.reason,
@@ -127,7 +130,8 @@ def render(result: dict[str, Any]) -> str:
                  + f" TLS {tls}")
     conn = result["connect"]
     if conn["trusted_forwarder"]:
-        lines.append("  a trusted forwarder: send the original client with XCLIENT")
+        lines.append("  a trusted forwarder: not filtered itself; the original client named in "
+                     "its Received: header is filtered at end of data (or send it with XCLIENT)")
     if conn["result"] == "reject":
         lines.append(f"  REJECT {conn['reply']}")
         lines.append(f"  decided by: {conn['why']}")

@@ -87,13 +87,15 @@ class FilterDecision:
     """Why a client address was accepted or refused at connect time."""
 
     allowed: bool
-    reason: str  # "allow-filter" | "blocklist" | "block-filter" | "no-match"
+    reason: str  # "allow-filter" | "blocklist" | "block-filter" | "no-match" | "trusted-forwarder"
     name: str | None = None  # filter name, or "file:line" of a blocklist entry
     cidr: str | None = None
 
     def describe(self) -> str:
         if self.reason == "no-match":
             return "no IP filter or blocklist matches"
+        if self.reason == "trusted-forwarder":
+            return "a trusted forwarder (trusted_forwarders)"
         what = {
             "allow-filter": "Allow filter",
             "blocklist": "blocklist entry",

@@ -5,6 +5,7 @@ states by rename(2), data is fsync'd before the hand-off, and damaged jobs are
 moved aside, never deleted.
 
     tmp/        jobs being received (the milter's; never read by a worker)
+    done/       finished jobs on their way out (removed right after the rename)
     incoming/   committed jobs waiting for a worker
     active/     jobs a worker has claimed
     deferred/   jobs waiting for a retry
@@ -286,6 +287,13 @@ class Spool:
             except CorruptJobError as exc:
                 yield job_id, exc
 
+    def clean_done(self) -> int:
+        """Remove finished jobs a worker did not get to delete (killed meanwhile)."""
+        names = self.ids("done")
+        for name in names:
+            shutil.rmtree(os.path.join(self.root, "done", name), ignore_errors=True)
+        return len(names)
+
     def clean_tmp(self, older_than: float, now: float) -> int:
         """Remove receptions abandoned by a milter that died mid-DATA."""
         removed = 0
@@ -412,10 +420,20 @@ class Claim:
             self.release()
 
     def finish(self) -> None:
-        """Every action is done: the job leaves the spool."""
+        """Every action is done: the job leaves the spool.
+
+        One rename takes it out of its state (a worker killed while deleting
+        must not leave a half-deleted job behind, which would look corrupt);
+        the files are removed from done/ afterwards, and leftovers there are
+        cleaned at the next start.
+        """
         try:
-            shutil.rmtree(self.spool.path(self.state, self.job_id))
+            done = os.path.join(self.spool.root, "done")
+            os.makedirs(done, mode=0o700, exist_ok=True)
+            target = os.path.join(done, self.job_id)
+            os.rename(self.spool.path(self.state, self.job_id), target)
             _fsync_dir(os.path.join(self.spool.root, self.state))
+            shutil.rmtree(target, ignore_errors=True)
         finally:
             self.release()
 

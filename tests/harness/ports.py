@@ -10,12 +10,22 @@ from pathlib import Path
 _TCP_LISTEN = "0A"  # socket state code for LISTEN in /proc/net/tcp
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port on ``host`` that was free a moment ago (the kernel picked it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """Return a TCP port on ``host`` that was free a moment ago (the kernel picked it).
+
+    A port is never handed out twice in one test run: a caller may not bind it
+    before the next caller asks, and the kernel could pick the same one again.
+    """
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port: int = sock.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def is_listening(host: str, port: int) -> bool:

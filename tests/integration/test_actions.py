@@ -167,3 +167,261 @@ def test_add_header_s3_kms_sns_base64_lambda_event(make_loop: Any) -> None:
     assert event["Records"][0]["ses"]["receipt"]["action"]["invocationType"] == "Event"
     assert loop.worker.problems() == []
     assert loop.milter.problems() == []
+
+
+def test_two_rules_run_in_order_each_with_its_own_recipients(make_loop: Any) -> None:
+    def rules(res: dict[str, str]) -> list[dict[str, Any]]:
+        return [
+            {"name": "first", "enabled": True, "recipients": ["user@example.com"],
+             "actions": [{"lambda": {"function_arn": res["function"],
+                                     "invocation_type": "Event"}}]},
+            {"name": "second", "enabled": True,
+             "recipients": ["user@example.com", "other@example.com"],
+             "actions": [{"lambda": {"function_arn": res["function"],
+                                     "invocation_type": "Event"}}]},
+        ]
+    loop: Loop = make_loop(rules, worker={"threads": 1})
+    loop.send(["other@example.com", "user@example.com"])
+    loop.wait_idle()
+    calls = loop.moto.lambda_invocations("mail-fn")
+    recipients = [c.json()["Records"][0]["ses"]["receipt"]["recipients"] for c in calls]
+    assert recipients == [["user@example.com"], ["other@example.com", "user@example.com"]]
+
+
+@pytest.mark.parametrize("answer, first, second", [
+    pytest.param('{"disposition": "STOP_RULE_SET"}', False, False, id="stop-rule-set"),
+    pytest.param('{"disposition": "stop_rule"}', False, True, id="stop-rule-any-case"),
+    pytest.param('{"disposition": "CONTINUE"}', True, True, id="continue"),
+    pytest.param('{"disposition": "SOMETHING_ELSE"}', True, True, id="unknown-continues"),
+    pytest.param("not json", True, True, id="garbage-continues"),
+])
+def test_request_response_lambda_disposition(make_loop: Any, answer: str, first: bool,
+                                             second: bool) -> None:
+    def rules(res: dict[str, str]) -> list[dict[str, Any]]:
+        return [
+            {"name": "asks", "enabled": True, "recipients": ["user@example.com"],
+             "actions": [{"lambda": {"function_arn": res["function"],
+                                     "invocation_type": "RequestResponse"}},
+                         {"s3": {"bucket_name": res["bucket"], "object_key_prefix": "first/"}}]},
+            {"name": "later", "enabled": True, "recipients": ["user@example.com"],
+             "actions": [{"s3": {"bucket_name": res["bucket"],
+                                 "object_key_prefix": "second/"}}]},
+        ]
+    loop: Loop = make_loop(rules)
+    loop.moto.queue_lambda_results([answer])
+    loop.send(["user@example.com"])
+    loop.wait_idle()
+    assert bool(loop.moto.s3_keys(loop.bucket, "first/")) is first
+    assert bool(loop.moto.s3_keys(loop.bucket, "second/")) is second
+    [call] = loop.moto.lambda_invocations("mail-fn")
+    assert call.invocation_type == "RequestResponse"
+
+
+def test_stop_action_ends_the_rule_set(make_loop: Any) -> None:
+    def rules(res: dict[str, str]) -> list[dict[str, Any]]:
+        return [
+            {"name": "stops", "enabled": True, "recipients": ["user@example.com"],
+             "actions": [{"s3": {"bucket_name": res["bucket"], "object_key_prefix": "first/"}},
+                         {"stop": {"scope": "RuleSet", "topic_arn": res["topic"]}},
+                         {"s3": {"bucket_name": res["bucket"], "object_key_prefix": "never/"}}]},
+            {"name": "later", "enabled": True, "recipients": ["user@example.com"],
+             "actions": [{"s3": {"bucket_name": res["bucket"],
+                                 "object_key_prefix": "second/"}}]},
+        ]
+    loop: Loop = make_loop(rules)
+    loop.send(["user@example.com"])
+    loop.wait_idle()
+    assert len(loop.moto.s3_keys(loop.bucket, "first/")) == 1
+    assert loop.moto.s3_keys(loop.bucket, "never/") == []
+    assert loop.moto.s3_keys(loop.bucket, "second/") == []
+    # The Stop action's topic_arn: a notification for that action, without content.
+    [envelope] = loop.moto.sns_messages(loop.queue, 1)
+    note = json.loads(envelope["Message"])
+    assert note["receipt"]["action"] == {"type": "Stop", "topicArn": loop.topic}
+    assert "content" not in note
+
+
+def test_bounce_sends_one_dsn_and_never_to_the_null_sender(make_loop: Any) -> None:
+    rules = [{"name": "gone", "enabled": True, "recipients": ["user@example.com"],
+              "actions": [{"bounce": {"smtp_reply_code": "550", "status_code": "5.1.1",
+                                      "message": "Mailbox does not exist",
+                                      "sender": "mailer-daemon@example.com"}}]}]
+    loop: Loop = make_loop(rules)
+    loop.send(["user@example.com"], sender="")  # the null sender: no DSN
+    loop.send(["user@example.com"], sender="alice@sender.test")
+    loop.wait_idle()
+    [dsn] = loop.sink.wait_for(1)
+    assert dsn.mail_from in ("", "<>")
+    assert dsn.rcpt_tos == ("alice@sender.test",)
+    import email
+    parsed = email.message_from_bytes(dsn.data)
+    assert parsed.get_content_type() == "multipart/report"
+    assert parsed.get_param("report-type") == "delivery-status"
+    report = dsn.data.decode(errors="replace")
+    assert "Final-Recipient: rfc822; user@example.com" in report
+    assert "Status: 5.1.1" in report
+    assert "Diagnostic-Code: smtp; 550 5.1.1 Mailbox does not exist" in report
+    time.sleep(0.3)  # the null-sender job finished before; nothing more may arrive
+    assert len(loop.sink.messages) == 1
+
+
+def _spool_cli(loop: Loop, *args: str) -> Any:
+    import subprocess
+
+    from harness.mxrules_proc import MXRULES
+    proc = subprocess.run([MXRULES, "spool", *args, "--config", str(loop.worker.config_path)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout) if "--json" in args else proc.stdout
+
+
+def _wait(predicate: Any, timeout: float = 30, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
+def test_outage_keeps_jobs_queued_then_completes(make_loop: Any) -> None:
+    loop: Loop = make_loop(lambda res: [{"name": "store", "enabled": True,
+                                         "recipients": ["user@example.com"],
+                                         "actions": [{"s3": {"bucket_name": res["bucket"]}}]}])
+    loop.moto.stop()
+    for _ in range(3):
+        loop.send(["user@example.com"])
+
+    def retried() -> Any:
+        rows = _spool_cli(loop, "list", "--json")
+        return rows if len(rows) == 3 and all(r["attempts"] >= 2 for r in rows) else None
+    rows = _wait(retried, what="jobs retrying")
+    assert all(r["state"] in ("deferred", "active") for r in rows)
+    assert all("S3 action: connection" in r["last_error"] for r in rows), rows
+    table = _spool_cli(loop, "list")
+    assert "3 job(s)" in table and "store #1 S3" in table
+
+    loop.moto.start()
+    loop.moto.make_bucket("mail-bucket")
+    loop.wait_idle()
+    assert len(loop.moto.s3_keys(loop.bucket)) == 3
+
+
+def test_retry_window_dead_letters_and_requeue_brings_back(make_loop: Any) -> None:
+    loop: Loop = make_loop(lambda res: [{"name": "store", "enabled": True,
+                                         "recipients": ["user@example.com"],
+                                         "actions": [{"s3": {"bucket_name": res["bucket"]}}]}],
+                           worker={"retry_window": 1})
+    loop.moto.stop()
+    loop.send(["user@example.com"])
+    _wait(lambda: loop.counts()["failed"] == 1, what="dead letter")
+    [row] = _spool_cli(loop, "list", "--state", "failed", "--json")
+    assert row["attempts"] >= 2 and "connection" in row["last_error"]
+    shown = _spool_cli(loop, "show", row["id"])
+    assert "last error" in shown and "store" in shown
+    assert "dead-lettered" in loop.worker.log()
+
+    loop.moto.start()
+    loop.moto.make_bucket("mail-bucket")
+    out = _spool_cli(loop, "requeue", "--all-failed")
+    assert "requeued 1 job(s)" in out
+    loop.wait_idle()
+    assert loop.counts()["failed"] == 0
+    assert loop.moto.s3_keys(loop.bucket) == [row["id"]]
+
+
+def test_kill_9_worker_during_200_messages_loses_nothing(make_loop: Any) -> None:
+    loop: Loop = make_loop(lambda res: [{"name": "store", "enabled": True,
+                                         "recipients": ["user@example.com"],
+                                         "actions": [{"s3": {"bucket_name": res["bucket"]}}]}])
+    kills = 0
+    for i in range(200):
+        loop.send(["user@example.com"], message("a@sender.test", ["user@example.com"],
+                                                subject=f"n{i}"))
+        if i in (60, 140):
+            loop.worker.kill()
+            kills += 1
+            loop.worker.start()
+    loop.wait_idle(timeout=120)
+    assert loop.spool.ids("corrupt") == []
+    keys = loop.moto.s3_keys(loop.bucket)
+    assert len(keys) == 200
+    puts = [k for k in _recorded_puts(loop)]
+    duplicates = len(puts) - len(set(puts))
+    assert set(puts) == set(keys)
+    assert duplicates <= kills, duplicates
+
+
+def _recorded_puts(loop: Loop) -> list[str]:
+    """Object keys of every PutObject moto received (its request recording)."""
+    keys = []
+    for line in loop.moto.recording_path.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("method") == "PUT" and "/mail-bucket/" in rec.get("url", ""):
+            keys.append(rec["url"].split("/mail-bucket/", 1)[1].split("?", 1)[0])
+    return keys
+
+
+def test_two_workers_never_run_the_same_job(make_loop: Any) -> None:
+    loop: Loop = make_loop(lambda res: [{"name": "store", "enabled": True,
+                                         "recipients": ["user@example.com"],
+                                         "actions": [{"s3": {"bucket_name": res["bucket"]}}]}],
+                           start_worker=False, worker={"threads": 3})
+    for i in range(60):
+        loop.send(["user@example.com"], message("a@sender.test", ["user@example.com"],
+                                                subject=f"m{i}"))
+    # The second process reads the same rules and spool, with its own metrics port.
+    import yaml
+    doc = yaml.safe_load(loop.worker.config_path.read_text())
+    port = free_port()
+    doc["metrics"]["worker_listen"] = f"127.0.0.1:{port}"
+    other = loop.dir / "worker2.yaml"
+    other.write_text(yaml.safe_dump(doc))
+    second = WorkerProcess(other, port, loop.dir / "worker2.log", env=loop.moto.aws_env())
+    try:
+        loop.worker.start()
+        second.start()
+        loop.wait_idle(timeout=60)
+    finally:
+        second.stop()
+    puts = _recorded_puts(loop)
+    assert len(puts) == 60 and len(set(puts)) == 60  # every job claimed exactly once
+    done = [line for log in (loop.worker.log(), second.log())
+            for line in log.splitlines() if "job done" in line]
+    assert len(done) == 60
+
+
+def test_corrupt_job_is_moved_aside_and_the_worker_goes_on(make_loop: Any) -> None:
+    import urllib.request
+    loop: Loop = make_loop(lambda res: [{"name": "store", "enabled": True,
+                                         "recipients": ["user@example.com"],
+                                         "actions": [{"s3": {"bucket_name": res["bucket"]}}]}],
+                           start_worker=False)
+    loop.send(["user@example.com"])
+    loop.send(["user@example.com"])
+    first, second = loop.spool.ids("incoming")
+    meta = Path(loop.spool.path("incoming", first)) / "job.json"
+    meta.write_bytes(meta.read_bytes()[:40])  # truncated on disk
+    loop.worker.start()
+    loop.wait_idle()
+    assert loop.spool.ids("corrupt") == [first]
+    assert loop.moto.s3_keys(loop.bucket) == [second]
+    assert f"job {first}" in loop.worker.log()
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{loop.worker.port}/metrics",
+                                     timeout=5).read().decode()
+    assert 'mxrules_jobs_total{result="corrupt"} 1.0' in metrics
+    assert 'mxrules_spool_jobs{state="corrupt"} 1.0' in metrics
+
+
+def test_sigterm_drains_the_worker(make_loop: Any) -> None:
+    loop: Loop = make_loop(lambda res: [{"name": "store", "enabled": True,
+                                         "recipients": ["user@example.com"],
+                                         "actions": [{"s3": {"bucket_name": res["bucket"]}}]}])
+    loop.send(["user@example.com"])
+    loop.wait_idle()
+    assert loop.worker.proc is not None
+    loop.worker.signal(signal.SIGTERM)
+    assert loop.worker.proc.wait(15) == 0
+    assert "draining" in loop.worker.log() and "worker stopped" in loop.worker.log()

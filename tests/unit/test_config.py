@@ -383,7 +383,7 @@ BAD = [
         domains: [example.com]
         rule_set: default  # <-
         """,
-        "", "unknown key 'rule_set' (expected one of: active_rule_set, blocklists",
+        "", "unknown key 'rule_set' (expected one of: active_rule_set, aws, blocklists",
         id="unknown-top-level-key"),
     pytest.param(
         """\

@@ -14,7 +14,13 @@ from mxrules.config import load
 from mxrules.decision import CONTINUE, TEMPFAIL_INTERNAL, TEMPFAIL_SPOOL, TOO_BIG, Engine
 from mxrules.ids import is_message_id
 from mxrules.metrics import MilterMetrics
-from mxrules.milter.session import DISABLED_VERDICTS, EomResult, Runtime, Session
+from mxrules.milter.session import (
+    DISABLED_VERDICTS,
+    EomResult,
+    Runtime,
+    Session,
+    parse_received,
+)
 from mxrules.spool import STATES, Client, Spool
 
 CONFIG = """\
@@ -414,3 +420,260 @@ def test_error_at_the_edge_tempfails_and_forgets(runtime) -> None:
     assert session.error("eoh", ValueError("bad")) == TEMPFAIL_INTERNAL
     assert _metric(runtime, "mxrules_milter_errors_total", stage="eoh") == 1
     assert _listing(runtime)["tmp"] == []
+
+
+# -- trusted forwarders (SPEC §3): the original client is judged, at end of data ----------
+
+FORWARDER = "192.0.2.250"
+FWD_CONFIG = CONFIG.replace(
+    "trusted_forwarders: [192.0.2.250/32]",
+    "trusted_forwarders: [192.0.2.250/32, 192.0.2.251/32, 198.51.100.250/32]\n"
+    "blocklists: [blocklist.txt]",
+).replace(
+    "  - {name: bad-net, policy: Block, cidr: 198.51.100.0/24}\n",
+    "  - {name: bad-net, policy: Block, cidr: 198.51.100.0/24}\n"
+    "  - {name: good-host, policy: Allow, cidr: 198.51.100.7}\n"
+    "  - {name: bad-v6, policy: Block, cidr: \"2001:db8:bad::/48\"}\n",
+)
+
+
+@pytest.fixture
+def fwd_runtime(tmp_path) -> Runtime:
+    (tmp_path / "blocklist.txt").write_text("203.0.113.128/25\n")
+    return Runtime(Engine(_config(tmp_path, FWD_CONFIG)), Spool(str(tmp_path / "spool")),
+                   MilterMetrics(CollectorRegistry()))
+
+
+def _received(helo: str, rdns: str, ip: str, by: str = "relay.example.com") -> tuple[str, bytes]:
+    """A Received header as Postfix writes it (pymilter gives the value a leading space)."""
+    return ("Received", f" from {helo} ({rdns} [{ip}])\n\tby {by} (Postfix) with ESMTPS id "
+                        f"4Qx1\n\tfor <info@example.com>; Sat, 28 Nov 2026 10:00:00 +0000".encode())
+
+
+def _forwarded(rt: Runtime, received, recipients=("<info@example.com>",),
+               forwarder: str = FORWARDER) -> EomResult:
+    session = _connect(rt, client=forwarder)
+    return _message(session, list(recipients), headers=[*received, *HEADERS])
+
+
+def test_forwarder_is_not_filtered_at_connect(fwd_runtime) -> None:
+    # 198.51.100.250 is inside the blocked bad-net, but it is one of the user's relays.
+    session = Session(fwd_runtime, "c1")
+    assert session.connect("198.51.100.250", "relay.example.com") == CONTINUE
+    assert session.client.forwarded_by == "198.51.100.250"
+    assert _metric(fwd_runtime, "mxrules_connections_total", result="accepted") == 1
+    assert _metric(fwd_runtime, "mxrules_rejections_total", stage="connect",
+                   reason="block-filter") == 0
+
+
+@pytest.mark.parametrize(
+    ("original", "reason", "text"),
+    [
+        pytest.param("198.51.100.23", "block-filter", "blocked by IP address filter",
+                     id="block-filter"),
+        pytest.param("203.0.113.200", "blocklist", "blocked using local blocklist",
+                     id="blocklist"),
+    ],
+)
+def test_forwarded_message_from_blocked_original_is_refused_at_eom(
+        fwd_runtime, caplog, original: str, reason: str, text: str) -> None:
+    caplog.set_level(logging.INFO, logger="mxrules")
+    result = _forwarded(fwd_runtime, [_received("spam.example", "unknown", original)])
+    assert str(result.reply) == f"554 5.7.1 Client host [{original}] {text}"
+    assert result.reply.verb == "reject"
+    assert result.message_id == "" and result.add_headers == ()
+    assert _listing(fwd_runtime)["tmp"] == [] and _listing(fwd_runtime)["incoming"] == []
+    assert _metric(fwd_runtime, "mxrules_connections_total", result="accepted") == 1
+    assert _metric(fwd_runtime, "mxrules_connections_total", result="rejected") == 0
+    assert _metric(fwd_runtime, "mxrules_rejections_total", stage="data", reason=reason) == 1
+    assert _metric(fwd_runtime, "mxrules_messages_total", result="rejected") == 1
+    assert _metric(fwd_runtime, "mxrules_messages_total", result="spooled") == 0
+    [line] = [r.getMessage() for r in caplog.records if "result=reject" in r.getMessage()]
+    assert f"client={original} forwarded_by={FORWARDER} result=reject reason={reason}" in line
+    assert "queue_id=4QxYz1Abc" in line
+
+
+def test_blocked_forwarded_body_is_never_stored(fwd_runtime) -> None:
+    session = _connect(fwd_runtime, client=FORWARDER)
+    session.mail("<s@example.net>", {})
+    session.rcpt("<info@example.com>", tls=False)
+    session.header(*_received("spam.example", "unknown", "198.51.100.23"))
+    assert len(_listing(fwd_runtime)["tmp"]) == 1  # headers are streamed as they come
+    session.eoh()
+    session.body(b"x" * 100)
+    assert _listing(fwd_runtime)["tmp"] == []  # judged at end of headers: dropped
+    assert session.eom("Q").reply.code == "554"
+
+
+def test_blocked_original_is_refused_for_unmanaged_recipients_too(fwd_runtime) -> None:
+    # As a direct connection from that client would be refused whatever its recipients.
+    result = _forwarded(fwd_runtime, [_received("spam.example", "unknown", "198.51.100.23")],
+                        recipients=["<x@other.test>"])
+    assert result.reply.code == "554"
+    assert _metric(fwd_runtime, "mxrules_messages_total", result="passed") == 0
+
+
+def test_forwarded_allow_filter_wins(fwd_runtime) -> None:
+    result = _forwarded(fwd_runtime, [_received("good.example", "mail.good.example",
+                                                "198.51.100.7")])
+    assert result.reply == CONTINUE
+    job = fwd_runtime.spool.load("incoming", result.message_id)
+    assert job.client == Client(address="198.51.100.7", hostname="mail.good.example",
+                                helo="good.example", forwarded_by=FORWARDER)
+
+
+def test_forwarded_allowed_original_is_recorded_with_the_message(fwd_runtime, caplog) -> None:
+    caplog.set_level(logging.INFO, logger="mxrules")
+    session = _connect(fwd_runtime, client=FORWARDER, tls="TLSv1.3")
+    result = _message(session, ["<info@example.com>"],
+                      headers=[_received("sender.example", "unknown", "203.0.113.9"), *HEADERS])
+    assert result.reply == CONTINUE
+    job = fwd_runtime.spool.load("incoming", result.message_id)
+    # The forwarder's hop is the only TLS mxrules saw; the rest is the original client's.
+    assert job.client == Client("203.0.113.9", "unknown", "sender.example", "TLSv1.3",
+                                "TLS_AES_128_GCM_SHA256", FORWARDER)
+    with open(fwd_runtime.spool.message_path("incoming", job.message_id), "rb") as fh:
+        assert fh.read().startswith(b"Received: from sender.example (unknown [203.0.113.9])\r\n")
+    assert any(f"client=203.0.113.9 forwarded_by={FORWARDER}" in r.getMessage()
+               and "result=spooled" in r.getMessage() for r in caplog.records)
+    # The connection itself stays the forwarder's.
+    assert session.client.address == FORWARDER
+
+
+@pytest.mark.parametrize(
+    "received",
+    [
+        pytest.param([("Received", b" by relay.example.com (Postfix, from userid 0) id 4Qx1; "
+                                   b"Sat, 28 Nov 2026 10:00:00 +0000")], id="local-submission"),
+        pytest.param([("Received", b" (qmail 1234 invoked from network); 28 Nov 2026")],
+                     id="unknown-form"),
+        pytest.param([("Received", b" from sender.example by relay.example.com")],
+                     id="no-address"),
+        pytest.param([], id="no-received-header"),
+        pytest.param([_received("relay2", "relay2", "192.0.2.251")], id="only-trusted-hops"),
+    ],
+)
+def test_forwarded_without_usable_received_keeps_the_forwarder(fwd_runtime, caplog,
+                                                               received) -> None:
+    caplog.set_level(logging.INFO, logger="mxrules")
+    result = _forwarded(fwd_runtime, received)
+    assert result.reply == CONTINUE
+    job = fwd_runtime.spool.load("incoming", result.message_id)
+    assert (job.client.address, job.client.forwarded_by) == (FORWARDER, FORWARDER)
+    [record] = [r for r in caplog.records if "result=unresolved" in r.getMessage()]
+    assert record.levelno == logging.INFO
+    assert f"forwarder={FORWARDER}" in record.getMessage()
+    assert "queue_id=4QxYz1Abc" in record.getMessage()
+
+
+def test_unparsable_hop_ends_the_walk(fwd_runtime) -> None:
+    # Who wrote the header below an unparsable one is unknown: it is not believed.
+    result = _forwarded(fwd_runtime, [
+        ("Received", b" by relay.example.com (Postfix, from userid 0)"),
+        _received("spam.example", "unknown", "198.51.100.23"),
+    ])
+    assert result.reply == CONTINUE
+    assert fwd_runtime.spool.load("incoming", result.message_id).client.address == FORWARDER
+
+
+@pytest.mark.parametrize(
+    ("literal", "address", "blocked"),
+    [
+        pytest.param("IPv6:2001:db8:bad::5", "2001:db8:bad::5", True, id="blocked"),
+        pytest.param("IPv6:2001:db8:1::5", "2001:db8:1::5", False, id="allowed"),
+        pytest.param("IPv6:::ffff:198.51.100.23", "198.51.100.23", True, id="ipv4-mapped"),
+    ],
+)
+def test_forwarded_ipv6_original(fwd_runtime, literal: str, address: str,
+                                 blocked: bool) -> None:
+    result = _forwarded(fwd_runtime, [_received("v6.example", "unknown", literal)])
+    if blocked:
+        assert result.reply.code == "554"
+        assert f"[{address}]" in result.reply.text
+    else:
+        assert result.reply == CONTINUE
+        job = fwd_runtime.spool.load("incoming", result.message_id)
+        assert (job.client.address, job.client.forwarded_by) == (address, FORWARDER)
+
+
+@pytest.mark.parametrize(
+    ("original", "code"),
+    [pytest.param("203.0.113.9", "250", id="allowed"),
+     pytest.param("198.51.100.23", "554", id="blocked")],
+)
+def test_received_chain_through_two_trusted_hops(fwd_runtime, original: str, code: str) -> None:
+    result = _forwarded(fwd_runtime, [
+        # Written by the forwarder: it got the mail from another relay of the user's...
+        _received("relay2.example.com", "relay2.example.com", "192.0.2.251"),
+        # ...which re-injected it to itself after a content filter...
+        _received("localhost", "localhost", "127.0.0.1", by="relay2.example.com"),
+        # ...after receiving it from the original client.
+        _received("sender.example", "unknown", original, by="relay2.example.com"),
+        # Written by the original client (or anyone before it): never believed.
+        _received("x", "x", "198.51.100.99", by="sender.example"),
+    ])
+    assert result.reply.code == code
+    if code == "250":
+        job = fwd_runtime.spool.load("incoming", result.message_id)
+        assert (job.client.address, job.client.forwarded_by) == (original, FORWARDER)
+
+
+def test_each_message_on_a_forwarded_connection_is_judged_alone(fwd_runtime) -> None:
+    session = _connect(fwd_runtime, client=FORWARDER)
+    blocked = _message(session, ["<info@example.com>"],
+                       headers=[_received("a", "unknown", "198.51.100.23"), *HEADERS])
+    allowed = _message(session, ["<info@example.com>"],
+                       headers=[_received("b", "unknown", "203.0.113.9"), *HEADERS])
+    unknown = _message(session, ["<info@example.com>"])
+    assert (blocked.reply.code, allowed.reply, unknown.reply) == ("554", CONTINUE, CONTINUE)
+    addresses = sorted(fwd_runtime.spool.load("incoming", m).client.address
+                       for m in fwd_runtime.spool.ids("incoming"))
+    assert addresses == sorted(["203.0.113.9", FORWARDER])
+
+
+def test_non_forwarded_client_is_filtered_at_connect_as_before(fwd_runtime) -> None:
+    session = Session(fwd_runtime, "c2")
+    reply = session.connect("198.51.100.23", "spammer.example")
+    assert str(reply) == "554 5.7.1 Client host [198.51.100.23] blocked by IP address filter"
+    assert _metric(fwd_runtime, "mxrules_connections_total", result="rejected") == 1
+    assert _metric(fwd_runtime, "mxrules_rejections_total", stage="connect",
+                   reason="block-filter") == 1
+    # An allowed direct client's Received headers decide nothing: only a forwarder's count.
+    result = _forwarded(fwd_runtime, [_received("x", "unknown", "198.51.100.23")],
+                        forwarder="203.0.113.5")
+    assert result.reply == CONTINUE
+    job = fwd_runtime.spool.load("incoming", result.message_id)
+    assert (job.client.address, job.client.forwarded_by) == ("203.0.113.5", "")
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        pytest.param(b" from helo.example (mail.example [192.0.2.9])\n\tby mx (Postfix)",
+                     ("192.0.2.9", "helo.example", "mail.example"), id="postfix"),
+        pytest.param(b"from h (unknown [IPv6:2001:db8::1]) by mx",
+                     ("2001:db8::1", "h", "unknown"), id="postfix-ipv6"),
+        pytest.param(b"from [198.51.100.1] (mail.example [192.0.2.9]) by mx",
+                     ("192.0.2.9", "[198.51.100.1]", "mail.example"), id="helo-literal-ignored"),
+        pytest.param(b"from h (mail.example [192.0.2.9] (may be forged)) by mx (8.17/8.17)",
+                     ("192.0.2.9", "h", "mail.example"), id="sendmail"),
+        pytest.param(b"from mail.example ([192.0.2.9]:4321 helo=h) by mx with esmtps",
+                     ("192.0.2.9", "h", "mail.example"), id="exim"),
+        pytest.param(b"from [2001:db8::9] (port=4321 helo=h) by mx with esmtp",
+                     ("2001:db8::9", "h", ""), id="exim-no-rdns"),
+        pytest.param(b"from EXCH1.corp.example (10.0.0.1) by EXCH2.corp.example (10.0.0.2)",
+                     ("10.0.0.1", "EXCH1.corp.example", ""), id="exchange"),
+        pytest.param(b"FROM h (r [192.0.2.9]) BY mx", ("192.0.2.9", "h", "r"), id="upper-case"),
+        pytest.param(b"from h by mx ([192.0.2.1])", None, id="only-the-by-host"),
+        pytest.param(b"from h (r [not-an-ip]) by mx", None, id="bad-literal"),
+        pytest.param(b"by mx (Postfix, from userid 0)", None, id="local"),
+        pytest.param(b"", None, id="empty"),
+    ],
+)
+def test_parse_received(value: bytes, expected) -> None:
+    hop = parse_received(value)
+    if expected is None:
+        assert hop is None
+    else:
+        assert hop is not None
+        assert (str(hop.address), hop.helo, hop.rdns) == expected
