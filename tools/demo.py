@@ -21,15 +21,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from harness.fixtures import instance_dir  # noqa: E402
-from harness.moto import MotoServer  # noqa: E402
-from harness.mxrules_proc import MilterProcess, WorkerProcess  # noqa: E402
-from harness.ports import free_port  # noqa: E402
-from harness.postfix import Postfix  # noqa: E402
-from harness.sink import SmtpSink  # noqa: E402
-from harness.smtp import Result, send  # noqa: E402
-from harness.stack import write_config  # noqa: E402
-from mxrules.spool import STATES, Spool  # noqa: E402
+from harness.fixtures import instance_dir
+from harness.moto import MotoServer
+from harness.mxrules_proc import MilterProcess, WorkerProcess
+from harness.ports import free_port
+from harness.postfix import Postfix
+from harness.sink import SmtpSink
+from harness.smtp import Result, send
+from harness.stack import write_config
+from mxrules.spool import STATES, Spool
 
 
 def say(text: str) -> None:
