@@ -51,6 +51,15 @@ def advance(job: Job, disposition: str) -> Job:
     return with_progress(job, action=p.action + 1, **reset)
 
 
+def complete(job: Job) -> bool:
+    """No action is left: the rule set was stopped, or every matched rule's actions ran."""
+    p = job.progress
+    if p.stopped:
+        return True
+    return all(p.action >= len(m.rule.actions) if i == p.rule else not m.rule.actions
+               for i, m in enumerate(job.rules[p.rule:], start=p.rule))
+
+
 @dataclass
 class Runner:
     settings: WorkerSettings
@@ -67,7 +76,7 @@ class Runner:
         while True:
             p = job.progress
             if p.stopped or p.rule >= len(job.rules):
-                claim.finish()
+                claim.finish(job)
                 self.metrics.jobs.labels("done").inc()
                 latency = self.clock() - message_time(job.message_id)
                 self.metrics.job_seconds.observe(max(0.0, latency))
@@ -107,7 +116,7 @@ class Runner:
                                             first_attempt_at=None, last_error="")
                     else:
                         job = advance(job, outcome.disposition)
-                    claim.save(job)
+                    self._record(claim, job)
                 else:
                     assert action.topic_arn
                     note = sns.notify(ctx, action.topic_arn)
@@ -116,7 +125,7 @@ class Runner:
                              job.message_id, matched.rule.name, p.action + 1, action.TYPE,
                              note)
                     job = advance(job, p.disposition or "CONTINUE")
-                    claim.save(job)
+                    self._record(claim, job)
             except SpoolError:
                 raise  # the spool itself failed: the job stays in active/ for recovery
             except Exception as exc:
@@ -124,6 +133,19 @@ class Runner:
             finally:
                 self.metrics.action_seconds.labels(action.TYPE).observe(
                     time.monotonic() - started)
+
+    @staticmethod
+    def _record(claim: Claim, job: Job) -> None:
+        """Make the progress after an action durable before anything else is done.
+
+        While actions are left, that is a save (write, fsync, rename, fsync dir).  Once
+        none is, the next step is Claim.finish: its rename out of active/ and fsync of
+        active/ record "done" durably by themselves, so the save -- a job.json written
+        and fsync'd only to be deleted -- is skipped (finish saves the job after all if
+        it cannot move it).  Either way a crash repeats at most the action in flight.
+        """
+        if not complete(job):
+            claim.save(job)
 
     def _failed(self, claim: Claim, job: Job, kind: str, exc: Exception) -> str:
         p = job.progress

@@ -76,6 +76,9 @@ class Worker:
         self.policy = RetryPolicy(w.retry_window, w.retry_initial_delay, w.retry_max_delay)
         self.stopping = threading.Event()
         self._due: dict[str, tuple[int, float]] = {}  # deferred id -> (mtime_ns, next_due)
+        # incoming/ as last listed, newest first (pop() gives the oldest), shared by the
+        # threads: a backlog of N jobs is listed about once, not once per job (O(N) each).
+        self._incoming: list[str] = []
         self._lock = threading.Lock()
 
     # -- finding work ---------------------------------------------------------
@@ -108,8 +111,27 @@ class Worker:
             self._due[job_id] = (mtime, due)
         return due
 
+    def _next_incoming(self, may_list: bool) -> tuple[str | None, bool]:
+        """The oldest id not yet handed out from the last listing of incoming/.
+
+        When those are used up, incoming/ is listed again if `may_list`; the second
+        value tells whether this call listed.  An id is only a candidate: the claim
+        decides, so a stale one (taken by another process) costs one failed open.
+        """
+        with self._lock:
+            listed = False
+            if not self._incoming and may_list:
+                self._incoming = self.spool.ids("incoming")[::-1]
+                listed = True
+            return (self._incoming.pop() if self._incoming else None), listed
+
     def next_job(self) -> Claim | None:
-        for job_id in self.spool.ids("incoming"):
+        may_list = True  # at most one listing per call: jobs nobody can claim end the loop
+        while True:
+            job_id, listed = self._next_incoming(may_list)
+            may_list = may_list and not listed
+            if job_id is None:
+                break
             claim = self._try("incoming", job_id)
             if claim:
                 return claim

@@ -117,6 +117,11 @@ class MxrulesMilter(Milter.Base):
         result = self.session.eom(self._macro("i"))
         if result.reply.verb != "continue":
             return self._answer(result.reply)
+        # Deletions first: Postfix applies changes in the order they come, and
+        # an occurrence index counts the headers present at that moment (ours
+        # inserted before would shift it onto our own Authentication-Results).
+        for name, index in result.remove_headers:  # highest index first
+            self.chgheader(name, index, None)
         # Insert below Postfix's own Received: header (index 0), in order.
         for offset, (name, value) in enumerate(result.add_headers, start=1):
             self.addheader(name, value, offset)

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from mxrules.decision import (
     CONTINUE,
     TEMPFAIL_INTERNAL,
+    TEMPFAIL_SCAN,
     TEMPFAIL_SPOOL,
     TOO_BIG,
     ConnectDecision,
@@ -42,6 +43,8 @@ from mxrules.ids import new_message_id
 from mxrules.ipfilter import IPAddress, parse_ip
 from mxrules.metrics import BILLING_CHUNK, MilterMetrics
 from mxrules.spool import Client, Job, JobWriter, MatchedRule, Spool, ses_timestamp
+
+from .scanning import Scanner, ScanOutcome
 
 log = logging.getLogger("mxrules.milter")
 
@@ -64,6 +67,7 @@ class Runtime:
     engine: Engine
     spool: Spool
     metrics: MilterMetrics
+    scanner: Scanner = field(default_factory=Scanner)
 
     def swap(self, engine: Engine) -> None:
         # One reference assignment: connections read it atomically under the GIL.
@@ -77,6 +81,8 @@ class EomResult:
     delete_recipients: tuple[str, ...] = ()
     discard: bool = False
     message_id: str = ""
+    # (header name, 1-based occurrence) to delete from Postfix's copy.
+    remove_headers: tuple[tuple[str, int], ...] = ()
 
 
 @dataclass
@@ -95,6 +101,8 @@ class _Message:
     client: Client | None = None  # None: the connection's own client
     blocked: ConnectDecision | None = None
     unresolved: str = ""  # why the original client could not be found
+    auth_results_seen: int = 0
+    forged: list[int] = field(default_factory=list)  # occurrences claiming our authserv-id
 
     @property
     def handled(self) -> list[RcptDecision]:
@@ -237,6 +245,14 @@ class Session:
         if (self.forwarder is not None and msg is not None and name.lower() == "received"
                 and len(msg.received) < MAX_RECEIVED):
             msg.received.append(value[:RECEIVED_PREFIX])
+        if msg is not None and name.lower() == "authentication-results":
+            msg.auth_results_seen += 1
+            if _claims(value, msg.engine.config.hostname):
+                # Only this host may speak as this authserv-id (RFC 8601 §5): a
+                # copy that arrived from outside is forged.  It is kept out of
+                # the stored copy and deleted from Postfix's.
+                msg.forged.append(msg.auth_results_seen)
+                return
         self._write(name.encode("ascii", "surrogateescape") + b":" + _crlf(value) + b"\r\n")
 
     def eoh(self) -> None:
@@ -304,6 +320,20 @@ class Session:
         plan = engine.plan(msg.handled)
         headers = in_stream_headers(plan)
         recipients = tuple(_bare(d.recipient) for d in msg.handled)
+        client = msg.client or self.client
+        verdicts = dict(DISABLED_VERDICTS)
+        auth_headers: tuple[tuple[str, str], ...] = ()
+        if engine.scan_wanted(plan):
+            outcome = self._scan(msg, writer, client, recipients)
+            if outcome.failed and engine.config.scan.on_failure == "tempfail":
+                writer.abort()
+                self.rt.metrics.messages.labels("tempfail").inc()
+                self._log(logging.WARNING, "eom", sender=msg.sender, result="tempfail",
+                          reason="scan-failed", scanners=",".join(outcome.failed))
+                return EomResult(TEMPFAIL_SCAN)
+            verdicts = outcome.statuses()
+            auth_headers = outcome.auth_headers
+            headers = [*outcome.headers(), *headers]
         job = Job(
             message_id=writer.message_id,
             queue_id=self.queue_id,
@@ -311,14 +341,15 @@ class Session:
             rule_set=engine.rule_set.name if engine.rule_set else "",
             mail_from=msg.sender,
             recipients=recipients,
-            client=msg.client or self.client,
+            client=client,
             rules=tuple(MatchedRule(p.rule, tuple(_bare(r) for r in p.recipients))
                         for p in plan),
             in_stream_headers=tuple(headers),
             hostname=engine.config.hostname,
             message_size=writer.size,
             message_sha256=writer.sha256,
-            verdicts=dict(DISABLED_VERDICTS),
+            verdicts=verdicts,
+            auth_headers=auth_headers,
         )
         started = time.monotonic()
         try:
@@ -348,7 +379,28 @@ class Session:
                   size=job.message_size, result="spooled",
                   delivery="discard" if discard else ("partial" if delete else "deliver"),
                   ms=int((time.monotonic() - msg.started) * 1000))
-        return EomResult(CONTINUE, tuple(headers), delete, discard, job.message_id)
+        remove = tuple(("Authentication-Results", i) for i in sorted(msg.forged, reverse=True))
+        return EomResult(CONTINUE, tuple(headers), delete, discard, job.message_id, remove)
+
+    def _scan(self, msg: _Message, writer: JobWriter, client: Client,
+              recipients: tuple[str, ...]) -> ScanOutcome:
+        cfg = msg.engine.config
+        started = time.monotonic()
+        writer.flush()
+        outcome = self.rt.scanner.scan(
+            cfg.scan, cfg.hostname, writer.message_path, client_ip=client.address,
+            helo=client.helo, mail_from=msg.sender, recipients=recipients,
+            client_hostname=client.hostname, queue_id=self.queue_id)
+        elapsed = time.monotonic() - started
+        m = self.rt.metrics
+        m.scan_seconds.observe(elapsed)
+        for key, verdict in outcome.verdicts.items():
+            m.verdicts.labels(key, verdict.status).inc()
+        self._log(logging.INFO, "scan", sender=msg.sender,
+                  **{k: f"{v.status}" + (f"({v.detail})" if v.detail else "")
+                     for k, v in outcome.verdicts.items()},
+                  dmarc_policy=outcome.dmarc_policy, ms=int(elapsed * 1000))
+        return outcome
 
     def _blocked(self, msg: _Message, decision: ConnectDecision) -> EomResult:
         """A forwarded message whose original client the IP filters refuse.
@@ -494,6 +546,12 @@ def original_client(
     if len(received) >= MAX_RECEIVED:
         return None, "too-many-hops"
     return None, "only-trusted-hops"
+
+
+def _claims(value: bytes, authserv_id: str) -> bool:
+    """Does an Authentication-Results value speak for `authserv_id`?"""
+    head = value.split(b";", 1)[0].strip().split(None, 1)
+    return bool(head) and head[0].decode("ascii", "replace").lower() == authserv_id.lower()
 
 
 def _bare(address: str) -> str:

@@ -56,6 +56,24 @@ class AwsSettings:
     read_timeout: float = 30.0
 
 
+@dataclass(frozen=True)
+class ScannerSettings:
+    engine: str
+    address: str
+    max_size: int
+
+
+@dataclass(frozen=True)
+class ScanSettings:
+    spam: ScannerSettings | None = None
+    virus: ScannerSettings | None = None
+    nameservers: tuple[str, ...] = ()
+    dns_timeout: float = 5.0
+    timeout: float = 60.0
+    on_failure: str = "accept"
+    dkim_max_size: int = 10 * 1024 * 1024
+
+
 @dataclass(frozen=True, eq=False)
 class Config:
     path: str
@@ -79,6 +97,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     aws: AwsSettings = field(default_factory=AwsSettings)
+    scan: ScanSettings = field(default_factory=ScanSettings)
     files: tuple[str, ...] = ()  # every file read, for the reload watcher
 
     @property
@@ -455,6 +474,22 @@ def _build(path: str, data: dict[str, Any], node: yaml.Node | None) -> Config:
         connect_timeout=float(aws.get("connect_timeout", 5.0)),
         read_timeout=float(aws.get("read_timeout", 30.0)),
     )
+    scan = data.get("scan", {})
+
+    def scanner(raw: dict[str, Any] | None, default_size: int) -> ScannerSettings | None:
+        if not raw:
+            return None
+        return ScannerSettings(raw["engine"], raw["address"], raw.get("max_size", default_size))
+
+    scan_settings = ScanSettings(
+        spam=scanner(scan.get("spam"), 10 * 1024 * 1024),
+        virus=scanner(scan.get("virus"), 25 * 1024 * 1024),
+        nameservers=tuple(scan.get("dns", {}).get("nameservers", ())),
+        dns_timeout=float(scan.get("dns", {}).get("timeout", 5.0)),
+        timeout=float(scan.get("timeout", 60.0)),
+        on_failure=scan.get("on_failure", "accept"),
+        dkim_max_size=scan.get("dkim_max_size", 10 * 1024 * 1024),
+    )
     return Config(
         path=path,
         hostname=data.get("hostname") or socket.getfqdn(),
@@ -477,6 +512,7 @@ def _build(path: str, data: dict[str, Any], node: yaml.Node | None) -> Config:
         limits=limits,
         worker=worker_settings,
         aws=aws_settings,
+        scan=scan_settings,
         files=tuple(files),
     )
 

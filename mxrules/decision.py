@@ -39,6 +39,9 @@ TEMPFAIL_INTERNAL = Reply("tempfail", "451", "4.3.0", "Temporary local problem, 
 TEMPFAIL_SPOOL = Reply(
     "tempfail", "451", "4.3.0", "Temporary failure storing the message, try again later"
 )
+TEMPFAIL_SCAN = Reply(
+    "tempfail", "451", "4.7.0", "Temporary failure scanning the message, try again later"
+)
 TOO_BIG = Reply("reject", "552", "5.3.4", "Message size exceeds fixed maximum message size")
 
 

@@ -102,6 +102,15 @@ def explain(engine: Engine, tx: Transaction) -> dict[str, Any]:
         for p in plan
     ]
     out["scans"] = engine.scan_wanted(plan)
+    sc = cfg.scan
+    out["checks"] = [] if not out["scans"] else [
+        f"spam: {sc.spam.engine} at {sc.spam.address}" if sc.spam
+        else "spam: no scanner configured (PROCESSING_FAILED)",
+        f"virus: {sc.virus.engine} at {sc.virus.address}" if sc.virus
+        else "virus: no scanner configured (PROCESSING_FAILED)",
+        "SPF, DKIM, DMARC: DNS " + (", ".join(sc.nameservers) or "the system resolver"),
+    ]
+    out["scan_timeout"] = sc.timeout
     out["in_stream_headers"] = [list(h) for h in in_stream_headers(plan)]
     handled = [d for d in decisions if d.handled]
     others = [d for d in decisions if d.outcome == "unmanaged"]
@@ -116,6 +125,10 @@ def explain(engine: Engine, tx: Transaction) -> dict[str, Any]:
         delivery = "consume: spooled; Postfix's copy is discarded"
     out["delivery"] = delivery
     return out
+
+
+def cfg_timeout(result: dict[str, Any]) -> str:
+    return f"{result['scan_timeout']:g} s"
 
 
 def render(result: dict[str, Any]) -> str:
@@ -174,6 +187,10 @@ def render(result: dict[str, Any]) -> str:
     if result["in_stream_headers"]:
         added = ", ".join(f"{n}: {v}" for n, v in result["in_stream_headers"])
         lines.append(f"Headers added to Postfix's copy at end of data: {added}")
-    lines.append(f"Scans: {'yes (a matched rule has scan_enabled)' if result['scans'] else 'no'}")
+    if result["scans"]:
+        lines.append(f"Scans (a matched rule has scan_enabled), within {cfg_timeout(result)}:")
+        lines += [f"  {c}" for c in result["checks"]]
+    else:
+        lines.append("Scans: no (no matched rule has scan_enabled; verdicts DISABLED)")
     lines.append(f"Delivery: {result['delivery']}")
     return "\n".join(lines)

@@ -61,6 +61,15 @@ class MilterMetrics:
             "Time to commit a job to the spool (fsync and rename) at end of data.",
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
             registry=registry)
+        self.verdicts = Counter(
+            "mxrules_verdicts_total",
+            "Scan verdicts by scanner (spam, virus, spf, dkim, dmarc) and status.",
+            ["scanner", "status"], registry=registry)
+        self.scan_seconds = Histogram(
+            "mxrules_scan_duration_seconds",
+            "Time all scans of one message took at end of data (they run side by side).",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=registry)
         self.reloads = Counter(
             "mxrules_config_reloads_total",
             "Config reloads, by result (ok, failed).", ["result"], registry=registry)

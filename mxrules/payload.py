@@ -186,7 +186,9 @@ def _ses_fields(job: Job, auth_headers: Sequence[Header]) -> list[tuple[str, str
         status = _status(job, key)
         if status != "DISABLED":
             fields.append((name, status, status))
-    fields.extend((name, _one_line(value), _one_line(value)) for name, value in auth_headers)
+    # The scanners' Received-SPF and Authentication-Results travel with the job.
+    extra = auth_headers or job.auth_headers
+    fields.extend((name, _one_line(value), _one_line(value)) for name, value in extra)
     return fields
 
 

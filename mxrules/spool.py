@@ -100,6 +100,8 @@ class Job:
     message_size: int
     message_sha256: str
     verdicts: dict[str, str] = field(default_factory=dict)
+    # Received-SPF and Authentication-Results from the scans, for stored copies.
+    auth_headers: tuple[tuple[str, str], ...] = ()
     progress: Progress = field(default_factory=Progress)
     version: int = JOB_VERSION
 
@@ -132,6 +134,7 @@ def _to_json(job: Job) -> dict[str, Any]:
     out["rules"] = [{"rule": m.rule.to_config(), "recipients": list(m.recipients)}
                     for m in job.rules]
     out["in_stream_headers"] = [list(h) for h in job.in_stream_headers]
+    out["auth_headers"] = [list(h) for h in job.auth_headers]
     return out
 
 
@@ -152,6 +155,7 @@ def _from_json(body: dict[str, Any]) -> Job:
         message_size=body["message_size"],
         message_sha256=body["message_sha256"],
         verdicts=dict(body.get("verdicts") or {}),
+        auth_headers=tuple((n, v) for n, v in body.get("auth_headers", ())),
         progress=Progress(**{
             **progress,
             "done": tuple(progress.get("done", ())),
@@ -159,6 +163,21 @@ def _from_json(body: dict[str, Any]) -> Job:
         }),
         version=body["version"],
     )
+
+
+def _remove_job_dir(path: str) -> None:
+    """Remove a job directory from done/: its files, then itself.
+
+    A job holds a few plain files, so this is a listing, an unlink each and an rmdir
+    (shutil.rmtree costs several system calls more per entry); anything unexpected,
+    such as a subdirectory, falls back to rmtree.  Leftovers are cleaned at start.
+    """
+    try:
+        for name in os.listdir(path):
+            os.unlink(os.path.join(path, name))
+        os.rmdir(path)
+    except OSError:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _fsync_dir(path: str) -> None:
@@ -197,6 +216,14 @@ class JobWriter:
     @property
     def sha256(self) -> str:
         return self._hash.hexdigest()
+
+    @property
+    def message_path(self) -> str:
+        return os.path.join(self.dir, MESSAGE)
+
+    def flush(self) -> None:
+        """Make what was written readable by other processes (the scanners)."""
+        self._fh.flush()
 
     def commit(self, job: Job) -> str:
         """Make the job durable and visible to workers; returns its path.
@@ -419,21 +446,28 @@ class Claim:
         finally:
             self.release()
 
-    def finish(self) -> None:
+    def finish(self, job: Job | None = None) -> None:
         """Every action is done: the job leaves the spool.
 
         One rename takes it out of its state (a worker killed while deleting
         must not leave a half-deleted job behind, which would look corrupt);
         the files are removed from done/ afterwards, and leftovers there are
-        cleaned at the next start.
+        cleaned at the next start.  `job`, the job as it stands (the worker
+        does not save the progress of its last action, which this records),
+        is saved if the job cannot leave its state, before the lock goes.
         """
         try:
             done = os.path.join(self.spool.root, "done")
-            os.makedirs(done, mode=0o700, exist_ok=True)
             target = os.path.join(done, self.job_id)
-            os.rename(self.spool.path(self.state, self.job_id), target)
+            try:
+                os.makedirs(done, mode=0o700, exist_ok=True)
+                os.rename(self.spool.path(self.state, self.job_id), target)
+            except OSError:
+                if job is not None:
+                    self.save(job)
+                raise
             _fsync_dir(os.path.join(self.spool.root, self.state))
-            shutil.rmtree(target, ignore_errors=True)
+            _remove_job_dir(target)
         finally:
             self.release()
 

@@ -6,4 +6,4 @@ default import mode, because tests/ has no __init__.py; so ``harness`` imports a
 top-level package.
 """
 
-pytest_plugins = ["harness.fixtures", "harness.moto_fixtures"]
+pytest_plugins = ["harness.fixtures", "harness.moto_fixtures", "harness.scanner_fixtures"]

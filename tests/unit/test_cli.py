@@ -110,7 +110,10 @@ def test_explain_text(capsys, config: str) -> None:
         "    3. Lambda arn:aws:lambda:us-east-1:1:function:f (RequestResponse)",
         "    4. AddHeader X-B: 2",
         "Headers added to Postfix's copy at end of data: X-A: 1",
-        "Scans: yes (a matched rule has scan_enabled)",
+        "Scans (a matched rule has scan_enabled), within 60 s:",
+        "  spam: no scanner configured (PROCESSING_FAILED)",
+        "  virus: no scanner configured (PROCESSING_FAILED)",
+        "  SPF, DKIM, DMARC: DNS the system resolver",
         "Delivery: consume: spooled; handled recipients removed from Postfix's copy, "
         "which goes on for the others",
     ]

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from mxrules import payload
 from mxrules.payload import (
     HEADERS_LIMIT,
     SUBJECT,
@@ -787,3 +788,37 @@ def test_lambda_event_has_no_content(tmp_path: Path) -> None:
     assert record["eventSource"] == "aws:ses" and record["eventVersion"] == "1.0"
     assert list(record["ses"]) == ["mail", "receipt"]
     assert "content" not in json.dumps(event)
+
+
+def test_scanned_job_carries_verdicts_policy_and_auth_headers_in_ses_order(tmp_path: Path) -> None:
+    """Scans land in every payload and stored copy: verdict headers, then auth headers."""
+    auth = (("Received-SPF", "fail (mx.example.com: domain of example.net does not designate "
+                             "192.0.2.1 as permitted sender) client-ip=192.0.2.1;"),
+            ("Authentication-Results", "mx.example.com; spf=fail smtp.mailfrom=example.net; "
+                                       "dkim=none; dmarc=fail (p=reject) header.from=example.net"))
+    verdicts = {"spam": "FAIL", "virus": "PASS", "spf": "FAIL", "dkim": "GRAY",
+                "dmarc": "FAIL", "dmarc_policy": "reject"}
+    sns = SNSAction(topic_arn="arn:aws:sns:us-east-1:123456789012:t", encoding="Base64")
+    lam = LambdaAction(function_arn="arn:aws:lambda:us-east-1:123456789012:function:f")
+    matched = MatchedRule(_rule(sns, lam), ("info@example.com",))
+    job = _job(verdicts=verdicts, auth_headers=auth, rules=(matched,))
+    path = _message(tmp_path)
+    headers, truncated = payload.stored_copy_headers(job, path)
+    names = [n for n, _ in headers]
+    assert names[:6] == ["Return-Path", "Received", "X-SES-Spam-Verdict", "X-SES-Virus-Verdict",
+                         "Received-SPF", "Authentication-Results"]
+    copy = payload.StoredCopy(job, path).read_all()
+    assert b"\r\nX-SES-Spam-Verdict: FAIL\r\nX-SES-Virus-Verdict: PASS\r\nReceived-SPF: fail" \
+        in copy
+    for action in (sns, lam):
+        receipt = payload.receipt_object(job, matched, action, processing_ms=5)
+        assert receipt["spamVerdict"] == {"status": "FAIL"}
+        assert receipt["spfVerdict"] == {"status": "FAIL"}
+        assert receipt["dkimVerdict"] == {"status": "GRAY"}
+        assert receipt["dmarcVerdict"] == {"status": "FAIL"}
+        assert receipt["dmarcPolicy"] == "reject"
+        assert list(receipt)[-2:] == ["dmarcPolicy", "action"]  # SES's key order
+    event = payload.lambda_event(job, matched, lam, headers=headers, truncated=truncated,
+                                 processing_ms=5)
+    mail_headers = event["Records"][0]["ses"]["mail"]["headers"]
+    assert {"name": "X-SES-Spam-Verdict", "value": "FAIL"} in mail_headers
