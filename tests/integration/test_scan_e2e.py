@@ -188,3 +188,21 @@ def test_rspamd_engine_end_to_end(make_stack: Any, dns: DnsServer, rspamd: Any,
             subject = b"spammy" if b"Subject: spammy" in fh.read() else b"lunch"
         by_subject[subject] = job.verdicts["spam"]
     assert by_subject == {b"spammy": "FAIL", b"lunch": "PASS"}
+
+
+def test_on_failure_tempfail_answers_451_and_spools_nothing(make_stack: Any,
+                                                           dns: DnsServer) -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    address = f"127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()
+    stack: Stack = make_stack(
+        "yaml", rules=SCAN_RULES,
+        scan={"spam": {"engine": "spamd", "address": address},
+              "virus": {"engine": "clamd", "address": address},
+              "dns": {"nameservers": [dns.address], "timeout": 2}, "timeout": 10,
+              "on_failure": "tempfail"})
+    r = stack.send(["user@example.com"], mime("later", "hi"), client_ip=CLIENT)
+    assert r.data is not None and r.data[0] == 451 and "4.7.0" in r.data[1]
+    assert stack.jobs() == []
+    assert "reason=scan-failed scanners=spam,virus" in stack.milter.log()
