@@ -33,8 +33,8 @@ def make_stack(tmp_path_factory: pytest.TempPathFactory, postfix_factory: Any,
         port = free_port()
         path = write_config(directory, source=source, port=port, **config)
         milter = MilterProcess(path, port, directory / "milter.log")
+        milters.append(milter)  # before start(): a milter that fails to listen is stopped too
         milter.start()
-        milters.append(milter)
         postfix = postfix_factory(milter=milter.postfix_spec, relay_port=smtp_sink.port)
         return Stack(directory, milter, postfix, smtp_sink, source)
 

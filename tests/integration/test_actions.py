@@ -107,10 +107,10 @@ def make_loop(moto_server: MotoServer, postfix_factory: Any, smtp_sink: SmtpSink
             bounce={"smtp_relay": f"127.0.0.1:{smtp_sink.port}", "timeout": 5},
             **config)
         milter = MilterProcess(path, milter_port, directory / "milter.log")
-        milter.start()
         worker = WorkerProcess(path, worker_port, directory / "worker.log",
                                env=moto_server.aws_env())
-        procs.extend([milter, worker])
+        procs.extend([milter, worker])  # before start(): stopped at teardown whatever happens
+        milter.start()
         if start_worker:
             worker.start()
         postfix = postfix_factory(milter=milter.postfix_spec, relay_port=smtp_sink.port)
