@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterable
@@ -30,8 +29,9 @@ from prometheus_client.registry import Collector
 
 from mxrules import config as config_mod
 from mxrules.config import Config
-from mxrules.errors import EX_CONFIG, EX_UNAVAILABLE, ConfigError, CorruptJobError, SpoolError
+from mxrules.errors import EX_UNAVAILABLE, CorruptJobError, SpoolError
 from mxrules.metrics import WorkerMetrics
+from mxrules.service import serve_metrics, setup_logging
 from mxrules.spool import STATES, Claim, Spool, message_time
 
 from .aws import Clients
@@ -199,14 +199,7 @@ class Worker:
 
 
 def run(path: str, once: bool = False) -> int:
-    from mxrules.milter.daemon import serve_metrics, setup_logging
-
-    try:
-        cfg = config_mod.load(path)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return EX_CONFIG
+    cfg = config_mod.load(path)  # a ConfigError becomes exit 78 in the CLI
     setup_logging(cfg.log_level)
     registry = CollectorRegistry()
     worker = Worker(cfg, registry)

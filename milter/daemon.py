@@ -16,16 +16,16 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 import time
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import CollectorRegistry
 
 from mxrules import config as config_mod
 from mxrules.decision import Engine
-from mxrules.errors import EX_CONFIG, EX_SOFTWARE, EX_UNAVAILABLE, ConfigError
+from mxrules.errors import EX_SOFTWARE, EX_UNAVAILABLE, ConfigError
 from mxrules.metrics import MilterMetrics
+from mxrules.service import serve_metrics, setup_logging
 from mxrules.spool import Spool
 
 from .session import Runtime
@@ -33,15 +33,6 @@ from .session import Runtime
 log = logging.getLogger("mxrules.milter")
 
 RELOAD_SIGNAL = signal.SIGUSR1
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
-        level=getattr(logging, level.upper(), logging.INFO),
-        force=True,
-    )
 
 
 def _fingerprint(paths: tuple[str, ...]) -> tuple[tuple[int, int, int] | None, ...]:
@@ -137,20 +128,8 @@ def janitor(runtime: Runtime, max_age: float, stop: threading.Event) -> None:
             return
 
 
-def serve_metrics(listen: str, registry: CollectorRegistry) -> None:
-    if not listen:
-        return
-    host, _, port = listen.rpartition(":")
-    start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry)
-
-
 def run(path: str) -> int:
-    try:
-        cfg = config_mod.load(path)
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        return EX_CONFIG
+    cfg = config_mod.load(path)  # a ConfigError becomes exit 78 in the CLI
     setup_logging(cfg.log_level)
 
     # Block the reload signal before any thread exists, so every thread

@@ -22,7 +22,7 @@ import jsonschema
 import yaml
 
 from . import ses
-from .errors import ConfigError, ConfigProblem
+from .errors import ConfigError, ConfigProblem, read_config_file
 from .ipfilter import IPNetwork, load_blocklist, parse_cidr
 from .matching import ManagedDomains, condition_domain
 from .rules import IpFilter, Limits, Rule, RuleSet
@@ -270,13 +270,7 @@ def load(path: str = DEFAULT_PATH, text: str | None = None) -> Config:
     """Read, check and compile a config file; raises ConfigError listing every problem."""
     path = os.path.abspath(path)
     if text is None:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                text = fh.read()
-        except OSError as exc:
-            raise ConfigError([ConfigProblem(path, "", f"cannot read: {exc.strerror}")]) from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError([ConfigProblem(path, "", f"not UTF-8 text: {exc}")]) from None
+        text = read_config_file(path)
     try:
         node = yaml.compose(text, Loader=_Loader)
         data = yaml.load(text, Loader=_Loader)

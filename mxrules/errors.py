@@ -59,3 +59,14 @@ class CorruptJobError(SpoolError):
         self.job_id = job_id
         self.cause = cause
         super().__init__(f"job {job_id}: {cause}")
+
+
+def read_config_file(path: str) -> str:
+    """A config file's text, or a ConfigError saying why it cannot be had."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise ConfigError([ConfigProblem(path, "", f"cannot read: {exc.strerror}")]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([ConfigProblem(path, "", f"not UTF-8 text: {exc}")]) from None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .errors import ConfigError, ConfigProblem
+from .errors import ConfigError, ConfigProblem, read_config_file
 from .rules import ACTION_TYPES, camel
 
 _SES_ACTIONS = {cls.TYPE + "Action": key for key, cls in ACTION_TYPES.items()}
@@ -32,13 +32,7 @@ _RULE_FIELDS = {"name", "enabled", "tls_policy", "recipients", "scan_enabled", "
 
 def read_json(path: str, text: str | None = None) -> Any:
     if text is None:
-        try:
-            with open(path, encoding="utf-8") as fh:
-                text = fh.read()
-        except OSError as exc:
-            raise ConfigError([ConfigProblem(path, "", f"cannot read: {exc.strerror}")]) from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError([ConfigProblem(path, "", f"not UTF-8 text: {exc}")]) from None
+        text = read_config_file(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
