@@ -21,11 +21,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
+from harness.dns import DnsServer
 from harness.fixtures import instance_dir
 from harness.moto import MotoServer
 from harness.mxrules_proc import MilterProcess, WorkerProcess
 from harness.ports import free_port
 from harness.postfix import Postfix
+from harness.scanners import GTUBE, Clamd, Spamd
 from harness.sink import SmtpSink
 from harness.smtp import Result, send
 from harness.stack import write_config
@@ -39,7 +41,7 @@ def say(text: str) -> None:
 def rules(bucket: str, kms: str, topic: str, function: str) -> list[dict[str, Any]]:
     return [
         {"name": "support", "enabled": True, "recipients": ["support@example.com"],
-         "scan_enabled": False,
+         "scan_enabled": True,
          "actions": [
              {"add_header": {"header_name": "X-Routed-By", "header_value": "mxrules-demo"}},
              {"s3": {"bucket_name": bucket, "object_key_prefix": "support/",
@@ -58,11 +60,11 @@ def rules(bucket: str, kms: str, topic: str, function: str) -> list[dict[str, An
     ]
 
 
-def msg(sender: str, to: list[str], subject: str) -> bytes:
+def msg(sender: str, to: list[str], subject: str, body: str = "") -> bytes:
     head = (f"From: Demo Sender <{sender}>\r\nTo: {', '.join(to)}\r\nSubject: {subject}\r\n"
             f"Message-ID: <{time.time_ns()}@example.net>\r\n"
             "Date: Sat, 28 Nov 2026 12:00:00 +0000\r\n")
-    return (head + "\r\nHello from the mxrules demo.\r\n").encode()
+    return (head + "\r\n" + (body or "Hello from the mxrules demo.") + "\r\n").encode()
 
 
 def outcome(r: Result) -> str:
@@ -84,6 +86,8 @@ def main() -> int:
     say(f"mxrules demo in {work}\n")
     moto = MotoServer(workdir=work / "moto")
     sink = SmtpSink()
+    spamd, clamd = Spamd(work / "spamd"), Clamd(work / "clamd")
+    dns = DnsServer({"example.net": {"TXT": ["v=spf1 ip4:127.0.0.1 -all"]}})
     milter = worker = postfix = None
     try:
         say("starting moto (S3, SNS, SQS, KMS, Lambda on loopback) ...")
@@ -94,6 +98,9 @@ def main() -> int:
         function = moto.make_function("demo-invoice-router")
         moto.queue_lambda_results(['{"disposition": "CONTINUE"}'])
         sink.start()
+        say("starting spamd, clamd (test signatures only) and a local DNS server for SPF ...")
+        for server in (spamd, clamd, dns):
+            server.start()
         milter_port, worker_port = free_port(), free_port()
         cfg = write_config(
             work, port=milter_port, rules=rules(bucket, kms, topic, function),
@@ -102,7 +109,10 @@ def main() -> int:
             metrics={"milter_listen": "", "worker_listen": f"127.0.0.1:{worker_port}"},
             worker={"threads": 2, "scan_interval": 0.1},
             aws={"region": "us-east-1", "endpoint_url": moto.endpoint_url},
-            bounce={"smtp_relay": f"127.0.0.1:{sink.port}"})
+            bounce={"smtp_relay": f"127.0.0.1:{sink.port}"},
+            scan={"spam": {"engine": "spamd", "address": spamd.address},
+                  "virus": {"engine": "clamd", "address": clamd.address},
+                  "dns": {"nameservers": [dns.address], "timeout": 2}, "timeout": 30})
         say(f"starting mxrules milter and worker (config {cfg}) ...")
         milter = MilterProcess(cfg, milter_port, work / "milter.log")
         milter.start()
@@ -116,14 +126,16 @@ def main() -> int:
 
         cases: list[tuple[str, Result]] = []
 
-        def case(title: str, sender: str, rcpts: list[str], **kw: Any) -> None:
-            r = send("127.0.0.1", port, sender, rcpts, msg(sender, rcpts, title), **kw)
+        def case(title: str, sender: str, rcpts: list[str], body: str = "", **kw: Any) -> None:
+            r = send("127.0.0.1", port, sender, rcpts, msg(sender, rcpts, title, body), **kw)
             cases.append((title, r))
             say(f"  {title}\n      -> {outcome(r)}")
 
         say("sending sample mail:")
         case("support request (stored in S3 with KMS, published to SNS)",
              "alice@example.net", ["support@example.com"])
+        case("spam to support (GTUBE: accepted, spamVerdict FAIL in its notification)",
+             "spammer@example.net", ["support@example.com"], body=GTUBE)
         case("unknown recipient (no rule matches: refused during SMTP)",
              "alice@example.net", ["nobody@example.com"])
         case("client in a Block filter (refused at connect; faked with XCLIENT)",
@@ -167,8 +179,12 @@ def main() -> int:
                 extra = f", content {len(raw)} bytes"
                 if b"X-Routed-By: mxrules-demo" in raw:
                     extra += " (with the added header)"
+            verdicts = " ".join(f"{k[:-7]}={note['receipt'][k]['status']}"
+                                for k in ("spamVerdict", "virusVerdict", "spfVerdict",
+                                          "dkimVerdict", "dmarcVerdict"))
             say(f"  {env['Subject']}: action {action['type']}, messageId "
-                f"{note['mail']['messageId']}, recipients {note['receipt']['recipients']}{extra}")
+                f"{note['mail']['messageId']}, recipients {note['receipt']['recipients']}{extra}"
+                f"\n      verdicts: {verdicts}")
         say("\nLambda invocations:")
         for call in moto.lambda_invocations():
             rec = call.json()["Records"][0]["ses"]
@@ -187,7 +203,7 @@ def main() -> int:
             say(f"logs: {work / 'milter.log'}, {work / 'worker.log'}, {postfix.maillog_path}")
         else:
             say("(run `./run demo --keep` to keep the config, spool and logs for a look)")
-        ok = accepted == 4 and len(moto.s3_keys(bucket)) == 3 and counts["failed"] == 0
+        ok = accepted == 5 and len(moto.s3_keys(bucket)) == 4 and counts["failed"] == 0
         say("\ndemo " + ("OK" if ok else "did not go as expected: see the logs above"))
         return 0 if ok else 1
     finally:
@@ -195,6 +211,8 @@ def main() -> int:
             if proc is not None:
                 proc.stop()
         sink.stop()
+        for server in (dns, clamd, spamd):
+            server.stop()
         moto.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
