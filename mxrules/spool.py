@@ -327,7 +327,11 @@ class Spool:
         for name in self.ids("tmp"):
             path = os.path.join(self.root, "tmp", name)
             try:
-                if now - os.stat(path).st_mtime > older_than:
+                # The directory's mtime does not move while its message file
+                # grows: a slow reception is judged by its newest file.
+                newest = max([os.stat(path).st_mtime] + [
+                    os.stat(os.path.join(path, f)).st_mtime for f in os.listdir(path)])
+                if now - newest > older_than:
                     shutil.rmtree(path)
                     removed += 1
             except OSError:

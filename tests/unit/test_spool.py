@@ -312,14 +312,26 @@ def test_clean_tmp_removes_only_old_entries(tmp_path) -> None:
         spool.new_job(message_id).write(b"abandoned")
     os.mkdir(spool.path("tmp", "not-a-job"))
     now = 1_000_000.0
-    os.utime(spool.path("tmp", old), (now - 3601, now - 3601))
-    os.utime(spool.path("tmp", edge), (now - 3600, now - 3600))
-    os.utime(spool.path("tmp", fresh), (now - 10, now - 10))
+    for message_id, age in ((old, 3601), (edge, 3600), (fresh, 10)):
+        os.utime(os.path.join(spool.path("tmp", message_id), "message"), (now - age, now - age))
+        os.utime(spool.path("tmp", message_id), (now - age, now - age))
     os.utime(spool.path("tmp", "not-a-job"), (0, 0))
     assert spool.clean_tmp(older_than=3600, now=now) == 1
     assert sorted(os.listdir(os.path.join(spool.root, "tmp"))) == sorted(
         [fresh, edge, "not-a-job"])
     assert spool.clean_tmp(older_than=3600, now=now) == 0
+
+
+def test_clean_tmp_keeps_a_slow_reception_whose_file_still_grows(tmp_path) -> None:
+    """A directory's mtime stands still while its message file is written to."""
+    spool = Spool(str(tmp_path))
+    message_id = new_message_id()
+    spool.new_job(message_id).write(b"still arriving")
+    now = 1_000_000.0
+    os.utime(spool.path("tmp", message_id), (now - 7200, now - 7200))
+    os.utime(os.path.join(spool.path("tmp", message_id), "message"), (now - 5, now - 5))
+    assert spool.clean_tmp(older_than=3600, now=now) == 0
+    assert os.listdir(os.path.join(spool.root, "tmp")) == [message_id]
 
 
 def test_clean_tmp_leaves_committed_jobs(tmp_path) -> None:
