@@ -29,7 +29,7 @@ from prometheus_client.registry import Collector
 
 from mxrules import config as config_mod
 from mxrules.config import Config
-from mxrules.errors import EX_UNAVAILABLE, CorruptJobError, SpoolError
+from mxrules.errors import EX_UNAVAILABLE, ConfigError, CorruptJobError, SpoolError
 from mxrules.metrics import WorkerMetrics
 from mxrules.service import serve_metrics, setup_logging
 from mxrules.spool import STATES, Claim, Spool, message_time
@@ -80,6 +80,7 @@ class Worker:
         # threads: a backlog of N jobs is listed about once, not once per job (O(N) each).
         self._incoming: list[str] = []
         self._lock = threading.Lock()
+        self.generation = 0  # bumped by each successful reload
 
     # -- finding work ---------------------------------------------------------
     def _try(self, state: str, job_id: str) -> Claim | None:
@@ -155,10 +156,45 @@ class Worker:
         return None
 
     # -- working ----------------------------------------------------------------
+    def reload(self, path: str) -> bool:
+        """Load the config again (SIGUSR1, `systemctl reload`); a bad one is refused.
+
+        AWS, retry, bounce and logging settings take effect from each thread's next
+        job; the spool, thread count and metrics address need a restart.
+        """
+        try:
+            cfg = config_mod.load(path)
+        except ConfigError as exc:
+            log.error("config reload refused, keeping the old config: %s", exc)
+            return False
+        for what, old, new in (("spool.directory", self.cfg.spool_directory,
+                                cfg.spool_directory),
+                               ("worker.threads", self.cfg.worker.threads, cfg.worker.threads),
+                               ("metrics.worker_listen", self.cfg.worker.metrics_listen,
+                                cfg.worker.metrics_listen)):
+            if old != new:
+                log.warning("config reload: %s changed (%s -> %s); it takes effect at the "
+                            "next restart", what, old, new)
+        setup_logging(cfg.log_level)
+        w = cfg.worker
+        with self._lock:
+            self.cfg = cfg
+            self.policy = RetryPolicy(w.retry_window, w.retry_initial_delay, w.retry_max_delay)
+            self.generation += 1
+        log.info("config reloaded from %s", path)
+        return True
+
+    def _runner(self) -> tuple[int, Runner]:
+        with self._lock:
+            cfg, policy, generation = self.cfg, self.policy, self.generation
+        return generation, Runner(cfg.worker, Clients(cfg.aws), self.metrics, policy,
+                                  self.stopping)
+
     def work(self, name: str, once: bool = False) -> None:
-        runner = Runner(self.cfg.worker, Clients(self.cfg.aws), self.metrics, self.policy,
-                        self.stopping)
+        generation, runner = self._runner()
         while not self.stopping.is_set():
+            if generation != self.generation:
+                generation, runner = self._runner()
             try:
                 claim = self.next_job()
             except SpoolError as exc:
@@ -221,6 +257,17 @@ def run(path: str, once: bool = False) -> int:
 
     signal.signal(signal.SIGTERM, drain)
     signal.signal(signal.SIGINT, drain)
+    # A reload reads files and builds clients: not in a signal handler, in a thread.
+    reload_wanted = threading.Event()
+    signal.signal(signal.SIGUSR1, lambda _s, _f: reload_wanted.set())
+
+    def reloader() -> None:
+        while not worker.stopping.is_set():
+            if reload_wanted.wait(0.5):
+                reload_wanted.clear()
+                worker.reload(path)
+
+    threading.Thread(target=reloader, name="reload", daemon=True).start()
     log.info("worker starting: spool=%s threads=%d retry_window=%ss region=%s endpoint=%s",
              cfg.spool_directory, cfg.worker.threads, int(cfg.worker.retry_window),
              cfg.aws.region or "-", cfg.aws.endpoint_url or "-")

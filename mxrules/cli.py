@@ -66,14 +66,14 @@ def _parser() -> argparse.ArgumentParser:
                     help="only jobs in this state (repeatable; default: all)")
     ls.add_argument("--json", action="store_true", help="print JSON for scripts")
     sh = spsub.add_parser("show", parents=[common], help="one job in full")
-    sh.add_argument("id")
+    sh.add_argument("id", help="the job's id (its SES messageId), as `spool list` shows it")
     sh.add_argument("--json", action="store_true", help="print JSON for scripts")
     rq = spsub.add_parser("requeue", parents=[common],
                           help="retry dead-lettered (or deferred) jobs now, with a new window")
-    rq.add_argument("id", nargs="*")
+    rq.add_argument("id", nargs="*", help="jobs to retry now")
     rq.add_argument("--all-failed", action="store_true", help="every dead-lettered job")
     rm = spsub.add_parser("delete", parents=[common], help="remove a job for good")
-    rm.add_argument("id", nargs="+")
+    rm.add_argument("id", nargs="+", help="jobs to remove")
 
     sub.add_parser("check-config", parents=[common], help="check the config and exit",
                    description="Check the config; print every problem as "

@@ -1,0 +1,64 @@
+"""The worker's config reload (SIGUSR1 / `systemctl reload mxrules-worker`)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+from mxrules import config as config_mod
+from mxrules.actions.worker import Worker
+
+
+def _write(path: Path, endpoint: str, retry_window: int = 600) -> None:
+    path.write_text(yaml.safe_dump({
+        "spool": {"directory": str(path.parent / "spool")},
+        "metrics": {"worker_listen": ""},
+        "worker": {"retry_window": retry_window},
+        "aws": {"region": "us-east-1", "endpoint_url": endpoint},
+    }))
+
+
+def test_reload_swaps_settings_for_the_next_job(tmp_path: Path) -> None:
+    path = tmp_path / "mxrules.yaml"
+    _write(path, "http://127.0.0.1:1")
+    worker = Worker(config_mod.load(str(path)), CollectorRegistry())
+    generation, runner = worker._runner()
+    assert worker.generation == generation == 0
+
+    _write(path, "http://127.0.0.1:2", retry_window=1200)
+    assert worker.reload(str(path)) is True
+    assert worker.generation == 1
+    assert worker.cfg.aws.endpoint_url == "http://127.0.0.1:2"
+    assert worker.policy.window == 1200
+    new_generation, new_runner = worker._runner()
+    assert new_generation == 1 and new_runner is not runner
+
+
+def test_broken_reload_keeps_the_old_config(tmp_path: Path,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "mxrules.yaml"
+    _write(path, "http://127.0.0.1:1")
+    worker = Worker(config_mod.load(str(path)), CollectorRegistry())
+    path.write_text("aws: [unclosed\n")
+    with caplog.at_level(logging.ERROR):
+        assert worker.reload(str(path)) is False
+    assert worker.generation == 0
+    assert worker.cfg.aws.endpoint_url == "http://127.0.0.1:1"
+    assert "config reload refused" in caplog.text and "mxrules.yaml:" in caplog.text
+
+
+def test_settings_that_need_a_restart_are_named(tmp_path: Path,
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "mxrules.yaml"
+    _write(path, "http://127.0.0.1:1")
+    worker = Worker(config_mod.load(str(path)), CollectorRegistry())
+    doc = yaml.safe_load(path.read_text())
+    doc["worker"]["threads"] = 9
+    path.write_text(yaml.safe_dump(doc))
+    with caplog.at_level(logging.WARNING):
+        assert worker.reload(str(path)) is True
+    assert "worker.threads changed (4 -> 9)" in caplog.text
