@@ -75,7 +75,7 @@ def _option_lines(parser: argparse.ArgumentParser) -> list[str]:
         if action.option_strings:
             names = ", ".join(f"\\fB{roff(o)}\\fR" for o in action.option_strings)
             if action.nargs != 0:
-                names += f" \\fI{roff(action.metavar or action.dest.upper())}\\fR"
+                names += f" \\fI{roff(str(action.metavar or action.dest.upper()))}\\fR"
         else:
             metavar = action.metavar or action.dest
             names = f"\\fI{roff(str(metavar))}\\fR" + (" ..." if action.nargs in ("*", "+") else "")
