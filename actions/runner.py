@@ -20,6 +20,7 @@ from mxrules.config import WorkerSettings
 from mxrules.errors import SpoolError
 from mxrules.metrics import WorkerMetrics
 from mxrules.rules import SNSAction
+from mxrules.service import kv
 from mxrules.spool import Claim, Job, message_time, with_progress
 
 from . import add_header, bounce, lambda_invoke, s3, sns, stop
@@ -80,8 +81,10 @@ class Runner:
                 self.metrics.jobs.labels("done").inc()
                 latency = self.clock() - message_time(job.message_id)
                 self.metrics.job_seconds.observe(max(0.0, latency))
-                log.info("job done message_id=%s queue_id=%s actions=%d%s", job.message_id,
-                         job.queue_id, len(p.done), " (rule set stopped)" if p.stopped else "")
+                log.info("job done %s", kv(message_id=job.message_id, queue_id=job.queue_id,
+                                           actions=len(p.done),
+                                           stopped="rule-set" if p.stopped else None,
+                                           ms=int(max(0.0, latency) * 1000)))
                 return "done"
             matched = job.rules[p.rule]
             if p.action >= len(matched.rule.actions):
@@ -107,9 +110,10 @@ class Runner:
                     done = (*p.done, f"rule {matched.rule.name} action {p.action + 1} "
                                      f"{action.TYPE}: {outcome.detail}")
                     job = with_progress(job, added_headers=added, done=done)
-                    log.info("action ok message_id=%s rule=%s action=%d type=%s %s",
-                             job.message_id, matched.rule.name, p.action + 1, action.TYPE,
-                             outcome.detail)
+                    log.info("action ok %s", kv(
+                        message_id=job.message_id, queue_id=job.queue_id, rule=matched.rule.name,
+                        action=p.action + 1, type=action.TYPE, detail=outcome.detail,
+                        ms=int((time.monotonic() - started) * 1000)))
                     if action.topic_arn and not isinstance(action, SNSAction):
                         job = with_progress(job, phase="notify",
                                             disposition=outcome.disposition, attempts=0,
@@ -121,9 +125,10 @@ class Runner:
                     assert action.topic_arn
                     note = sns.notify(ctx, action.topic_arn)
                     self.metrics.notifications.labels(action.TYPE).inc()
-                    log.info("action notified message_id=%s rule=%s action=%d type=%s %s",
-                             job.message_id, matched.rule.name, p.action + 1, action.TYPE,
-                             note)
+                    log.info("action notified %s", kv(
+                        message_id=job.message_id, queue_id=job.queue_id, rule=matched.rule.name,
+                        action=p.action + 1, type=action.TYPE, detail=note,
+                        ms=int((time.monotonic() - started) * 1000)))
                     job = advance(job, p.disposition or "CONTINUE")
                     self._record(claim, job)
             except SpoolError:
@@ -165,9 +170,9 @@ class Runner:
             self.metrics.actions.labels(kind, "failed").inc()
             self.metrics.jobs.labels("dead_lettered").inc()
             self.metrics.dead_letters.inc()
-            log.error("job dead-lettered message_id=%s queue_id=%s rule=%s action=%d "
-                      "attempts=%d error=%r (mxrules spool requeue %s)", job.message_id,
-                      job.queue_id, rule, p.action + 1, attempts, error, job.message_id)
+            log.error("job dead-lettered %s (mxrules spool requeue %s)", kv(
+                message_id=job.message_id, queue_id=job.queue_id, rule=rule, action=p.action + 1,
+                type=kind, reason=reason, attempts=attempts, error=error), job.message_id)
             return "failed"
         delay = self.policy.delay(attempts, self.rand)
         job = with_progress(job, attempts=attempts, first_attempt_at=first, last_error=error,
@@ -175,7 +180,7 @@ class Runner:
         claim.save(job)
         claim.move("deferred")
         self.metrics.actions.labels(kind, "retry").inc()
-        log.warning("action failed, will retry message_id=%s rule=%s action=%d attempts=%d "
-                    "in=%.1fs error=%r", job.message_id, rule, p.action + 1, attempts, delay,
-                    error)
+        log.warning("action failed, will retry %s", kv(
+            message_id=job.message_id, queue_id=job.queue_id, rule=rule, action=p.action + 1,
+            type=kind, reason=reason, attempts=attempts, retry_in=f"{delay:.1f}s", error=error))
         return "deferred"

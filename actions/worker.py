@@ -48,11 +48,15 @@ class SpoolCollector(Collector):
         self.spool = spool
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        count = GaugeMetricFamily("mxrules_spool_jobs", "Jobs in the spool, by state.",
-                                  labels=["state"])
+        count = GaugeMetricFamily(
+            "mxrules_spool_jobs",
+            "Jobs in the spool, by state (incoming: waiting for a worker; active: being "
+            "worked on; deferred: waiting to retry; failed: dead letters; corrupt: unreadable).",
+            labels=["state"])
         oldest = GaugeMetricFamily(
             "mxrules_spool_oldest_job_age_seconds",
-            "Age of the oldest job in each state (0 when there is none).", labels=["state"])
+            "Time since the milter accepted the oldest job in each state (0 when the state "
+            "has no job).", labels=["state"])
         now = time.time()
         for state in STATES:
             try:
@@ -71,6 +75,7 @@ class Worker:
         self.cfg = cfg
         self.spool = Spool(cfg.spool_directory)
         self.metrics = WorkerMetrics(registry)
+        self.metrics.loaded(at_start=True)
         registry.register(SpoolCollector(self.spool))
         w = cfg.worker
         self.policy = RetryPolicy(w.retry_window, w.retry_initial_delay, w.retry_max_delay)
@@ -165,6 +170,7 @@ class Worker:
         try:
             cfg = config_mod.load(path)
         except ConfigError as exc:
+            self.metrics.load_failed()
             log.error("config reload refused, keeping the old config: %s", exc)
             return False
         for what, old, new in (("spool.directory", self.cfg.spool_directory,
@@ -181,6 +187,7 @@ class Worker:
             self.cfg = cfg
             self.policy = RetryPolicy(w.retry_window, w.retry_initial_delay, w.retry_max_delay)
             self.generation += 1
+        self.metrics.loaded()
         log.info("config reloaded from %s", path)
         return True
 

@@ -65,14 +65,12 @@ class Reloader:
             try:
                 new = config_mod.load(self.path)
             except ConfigError as exc:
-                metrics.reloads.labels("failed").inc()
-                metrics.reload_ok.set(0)
+                metrics.load_failed()
                 for problem in exc.problems:
                     log.error("reload rejected (%s), old config stays in force: %s", why, problem)
                 return False
             except Exception as exc:  # a reload must never take the milter down
-                metrics.reloads.labels("failed").inc()
-                metrics.reload_ok.set(0)
+                metrics.load_failed()
                 log.exception("reload failed (%s), old config stays in force: %r", why, exc)
                 return False
             if new.milter_listen != old.milter_listen:
@@ -85,9 +83,7 @@ class Reloader:
             self.runtime.swap(Engine(new))
             self.files = new.files
             self.seen = _fingerprint(self.files)
-            metrics.reloads.labels("ok").inc()
-            metrics.reload_ok.set(1)
-            metrics.reload_success.set(time.time())
+            metrics.loaded()
             logging.getLogger().setLevel(getattr(logging, new.log_level.upper(), logging.INFO))
             log.info("config reloaded (%s): active_rule_set=%s rules=%d ip_filters=%d "
                      "blocklist_entries=%d", why, new.active_rule_set,
@@ -138,8 +134,7 @@ def run(path: str) -> int:
 
     registry = CollectorRegistry()
     metrics = MilterMetrics(registry)
-    metrics.reload_ok.set(1)
-    metrics.reload_success.set(time.time())
+    metrics.loaded(at_start=True)
     spool = Spool(cfg.spool_directory)
     try:
         spool.ensure()

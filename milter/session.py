@@ -19,7 +19,6 @@ the milter, so the first `Received:` the milter sees is the forwarder's.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -42,6 +41,7 @@ from mxrules.errors import SpoolError
 from mxrules.ids import new_message_id
 from mxrules.ipfilter import IPAddress, parse_ip
 from mxrules.metrics import BILLING_CHUNK, MilterMetrics
+from mxrules.service import quote as _quote
 from mxrules.spool import Client, Job, JobWriter, MatchedRule, Spool, ses_timestamp
 
 from .scanning import Scanner, ScanOutcome
@@ -148,7 +148,7 @@ class Session:
             self.forwarder = addr
             self.client = Client(address=str(addr), hostname=hostname, forwarded_by=str(addr))
             self.rt.metrics.connections.labels("accepted").inc()
-            self._log(logging.DEBUG, "connect", client=addr, result="accept",
+            self._log(logging.INFO, "connect", client=addr, result="accept",
                       reason="trusted-forwarder")
             return CONTINUE
         self.client = Client(address=str(addr), hostname=hostname)
@@ -161,7 +161,7 @@ class Session:
                       cidr=decision.filters.cidr, reply=decision.reply)
         else:
             self.rt.metrics.connections.labels("accepted").inc()
-            self._log(logging.DEBUG, "connect", client=addr, result="accept",
+            self._log(logging.INFO, "connect", client=addr, result="accept",
                       reason=decision.filters.reason, filter=decision.filters.name)
         return decision.reply
 
@@ -193,8 +193,7 @@ class Session:
         self.rt.metrics.recipients.labels(decision.outcome).inc()
         if decision.reply.verb == "reject":
             self.rt.metrics.rejections.labels("rcpt", decision.outcome).inc()
-        level = logging.DEBUG if decision.outcome == "unmanaged" else logging.INFO
-        self._log(level, "rcpt", sender=self.msg.sender, rcpt=_bare(recipient),
+        self._log(logging.INFO, "rcpt", sender=self.msg.sender, rcpt=_bare(recipient),
                   result=decision.outcome, rules=",".join(decision.rules),
                   reply=decision.reply if decision.reply.verb != "continue" else None)
         return decision.reply
@@ -300,6 +299,8 @@ class Session:
             if msg.writer is not None:
                 msg.writer.abort()
             self.rt.metrics.messages.labels("passed").inc()
+            self._log(logging.INFO, "eom", sender=msg.sender, result="passed",
+                      reason="no-managed-recipient")
             return EomResult(CONTINUE)
         if msg.failed is not None:
             result = "rejected" if msg.failed.verb == "reject" else "tempfail"
@@ -564,11 +565,3 @@ def _bare(address: str) -> str:
 def _crlf(value: bytes) -> bytes:
     """Folded header values use CRLF, like the body Postfix sends."""
     return value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-
-
-def _quote(value: object) -> str:
-    """key=value logging: bare when safe, else a JSON string (escapes control bytes)."""
-    text = str(value)
-    if text and text.isprintable() and not any(c in text for c in ' "=\\'):
-        return text
-    return json.dumps(text, ensure_ascii=False)

@@ -1,45 +1,106 @@
 """Every Prometheus metric mxrules exports, defined in one place.
 
 Metrics are built on a registry passed in (tests make a fresh one); nothing is
-created at import.  Labels are bounded: results, reasons, rule names, stages --
-never addresses or message ids.
+created at import.  Labels are bounded: results, reasons, rule names, stages,
+action types -- never addresses or message ids.  The label values known in
+advance are created at zero, so each series exists from the first scrape and
+`rate()`/`increase()` see the first event (a series born at 1 looks flat).
+
+Durations are in seconds with buckets chosen for mail: milliseconds for a
+spool commit, seconds for scans and actions, minutes to hours from acceptance
+to a job's last action (retries included).
+
+The spool gauges (jobs by state, oldest job's age) are read from the spool at
+scrape time by the worker's `SpoolCollector` (mxrules.actions.worker).
 """
 
 from __future__ import annotations
+
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 # SES bills received mail in 256 KB chunks; the same count helps size a fleet.
 BILLING_CHUNK = 256 * 1024
 
+CONNECTION_RESULTS = ("accepted", "rejected")
+RECIPIENT_RESULTS = ("accepted", "unmanaged", "no-rule", "no-rule-set", "tls-required")
+MESSAGE_RESULTS = ("spooled", "passed", "tempfail", "rejected")
+ACTION_TYPES = ("AddHeader", "S3", "SNS", "Lambda", "Bounce", "Stop")
+ACTION_OUTCOMES = ("ok", "retry", "failed")
+JOB_RESULTS = ("done", "dead_lettered", "corrupt")
+RELOAD_RESULTS = ("ok", "failed")
 
-class MilterMetrics:
+
+class ConfigMetrics:
+    """Config loads, for both programs: an alert watches `..._successful == 0`."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        self.reloads = Counter(
+            "mxrules_config_reloads_total",
+            "Attempts to load the config again while running (a file changed, SIGUSR1, "
+            "systemctl reload), by result (ok, failed: the old config stays in force).",
+            ["result"], registry=registry)
+        for result in RELOAD_RESULTS:
+            self.reloads.labels(result)
+        self.reload_success = Gauge(
+            "mxrules_config_last_reload_success_timestamp_seconds",
+            "When the config in force was loaded (Unix time): at start or at the last "
+            "successful reload.", registry=registry)
+        self.reload_ok = Gauge(
+            "mxrules_config_last_reload_successful",
+            "1 if the last attempt to load the config succeeded, 0 if it was refused and "
+            "an older config is still in force.", registry=registry)
+
+    def loaded(self, at_start: bool = False) -> None:
+        """A config is now in force (the one read at start, or a reload)."""
+        if not at_start:
+            self.reloads.labels("ok").inc()
+        self.reload_ok.set(1)
+        self.reload_success.set(time.time())
+
+    def load_failed(self) -> None:
+        self.reloads.labels("failed").inc()
+        self.reload_ok.set(0)
+
+
+class MilterMetrics(ConfigMetrics):
+    def __init__(self, registry: CollectorRegistry) -> None:
+        super().__init__(registry)
         self.connections = Counter(
             "mxrules_connections_total",
-            "SMTP connections seen by the milter, by result (accepted, rejected).",
+            "SMTP connections seen by the milter, by result (accepted; rejected: refused at "
+            "connect by an IP filter or the blocklist).",
             ["result"], registry=registry)
+        for result in CONNECTION_RESULTS:
+            self.connections.labels(result)
         self.rejections = Counter(
             "mxrules_rejections_total",
-            "SMTP rejections the milter asked for, by stage and reason.",
+            "SMTP rejections (5xx) the milter asked for, by stage (connect, mail, rcpt, data) "
+            "and reason (block-filter, blocklist, size, no-rule, no-rule-set, tls-required).",
             ["stage", "reason"], registry=registry)
         self.recipients = Counter(
             "mxrules_recipients_total",
-            "Envelope recipients, by result (accepted, unmanaged, no-rule, no-rule-set, "
-            "tls-required).",
+            "Envelope recipients, by result (accepted: a rule takes it; unmanaged: not a "
+            "managed domain, passed to Postfix; no-rule, no-rule-set, tls-required: refused).",
             ["result"], registry=registry)
+        for result in RECIPIENT_RESULTS:
+            self.recipients.labels(result)
         self.messages = Counter(
             "mxrules_messages_total",
-            "Messages at end of data, by result (spooled, passed: no managed recipient, "
-            "tempfail, rejected).",
+            "Messages at end of data, by result (spooled: accepted for the actions; passed: "
+            "no managed recipient; tempfail: answered 4xx; rejected: answered 5xx).",
             ["result"], registry=registry)
+        for result in MESSAGE_RESULTS:
+            self.messages.labels(result)
         self.rule_matches = Counter(
             "mxrules_rule_matches_total",
-            "Messages each receipt rule matched.", ["rule"], registry=registry)
+            "Spooled messages each receipt rule matched, by rule name.", ["rule"],
+            registry=registry)
         self.errors = Counter(
             "mxrules_milter_errors_total",
-            "Internal errors turned into a temporary failure, by stage.",
+            "Internal errors in the milter turned into a temporary failure, by SMTP stage.",
             ["stage"], registry=registry)
         self.spool_failures = Counter(
             "mxrules_spool_write_failures_total",
@@ -50,11 +111,12 @@ class MilterMetrics:
             "Bytes of spooled messages.", registry=registry)
         self.billing_chunks = Counter(
             "mxrules_received_chunks_total",
-            "Spooled messages counted in SES's 256 KB billing chunks.", registry=registry)
+            "Spooled messages counted in 256 KB chunks, the unit SES bills received mail in.",
+            registry=registry)
         self.message_size = Histogram(
             "mxrules_message_size_bytes",
             "Size of spooled messages.",
-            buckets=(1e3, 1e4, 5e4, 1e5, 5e5, 1e6, 5e6, 1e7, 2.5e7, 4.2e7),
+            buckets=(1e3, 1e4, 5e4, 1e5, 2.56e5, 5e5, 1e6, 5e6, 1e7, 2.5e7, 4e7),
             registry=registry)
         self.spool_seconds = Histogram(
             "mxrules_spool_commit_seconds",
@@ -63,58 +125,59 @@ class MilterMetrics:
             registry=registry)
         self.verdicts = Counter(
             "mxrules_verdicts_total",
-            "Scan verdicts by scanner (spam, virus, spf, dkim, dmarc) and status.",
+            "Scan verdicts by scanner (spam, virus, spf, dkim, dmarc) and status (PASS, FAIL, "
+            "GRAY, PROCESSING_FAILED, ...).",
             ["scanner", "status"], registry=registry)
         self.scan_seconds = Histogram(
             "mxrules_scan_duration_seconds",
-            "Time all scans of one message took at end of data (they run side by side).",
+            "Time the scans of one message took at end of data (they run side by side, "
+            "so this is the slowest scanner's time).",
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
             registry=registry)
-        self.reloads = Counter(
-            "mxrules_config_reloads_total",
-            "Config reloads, by result (ok, failed).", ["result"], registry=registry)
-        self.reload_success = Gauge(
-            "mxrules_config_last_reload_success_timestamp_seconds",
-            "When a config was last loaded successfully (Unix time).", registry=registry)
-        self.reload_ok = Gauge(
-            "mxrules_config_last_reload_successful",
-            "1 if the last attempt to load the config succeeded, else 0.", registry=registry)
 
 
-class WorkerMetrics:
+class WorkerMetrics(ConfigMetrics):
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
+        super().__init__(registry)
         self.actions = Counter(
             "mxrules_actions_total",
             "Action attempts by type and outcome (ok; retry: failed, will be retried; "
             "failed: failed for good, the job is a dead letter).",
             ["type", "outcome"], registry=registry)
+        for kind in ACTION_TYPES:
+            for outcome in ACTION_OUTCOMES:
+                self.actions.labels(kind, outcome)
         self.action_errors = Counter(
             "mxrules_action_errors_total",
-            "Failed action attempts by type and reason (throttled, access-denied, timeout, "
-            "connection, server-error, client-error, permanent, ...).",
+            "Failed action attempts by type and reason (throttled, access-denied, not-found, "
+            "timeout, connection, server-error, client-error, permanent).",
             ["type", "reason"], registry=registry)
         self.action_seconds = Histogram(
             "mxrules_action_duration_seconds",
-            "Time an action attempt took, by type.", ["type"],
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            "Time one action attempt took (AWS call or bounce delivery), by type.", ["type"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120,
+                     300, 900),
             registry=registry)
         self.notifications = Counter(
             "mxrules_action_notifications_total",
-            "Notifications published for an action's topic_arn, by action type.",
+            "SNS notifications published for an action's topic_arn, by action type.",
             ["type"], registry=registry)
         self.dispositions = Counter(
             "mxrules_lambda_dispositions_total",
-            "Dispositions returned by RequestResponse Lambda functions.",
+            "Dispositions returned by RequestResponse Lambda functions (CONTINUE, STOP_RULE, "
+            "STOP_RULE_SET).",
             ["disposition"], registry=registry)
         self.jobs = Counter(
             "mxrules_jobs_total",
-            "Jobs finished by result (done, dead_lettered, corrupt).",
+            "Jobs finished, by result (done: every action ran; dead_lettered: moved to the "
+            "spool's failed/; corrupt: unreadable, moved to corrupt/).",
             ["result"], registry=registry)
+        for result in JOB_RESULTS:
+            self.jobs.labels(result)
         self.job_seconds = Histogram(
             "mxrules_job_latency_seconds",
-            "From acceptance by the milter to the job's last action.",
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400),
+            "Time from acceptance by the milter to the job's last action, retries included.",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 14400, 86400),
             registry=registry)
         self.recovered = Counter(
             "mxrules_jobs_recovered_total",
@@ -122,4 +185,5 @@ class WorkerMetrics:
             registry=registry)
         self.dead_letters = Counter(
             "mxrules_dead_letters_total",
-            "Jobs moved to the dead-letter state (spool failed/).", registry=registry)
+            "Jobs given up on and moved to the dead-letter state (the spool's failed/; "
+            "`mxrules spool requeue` runs them again).", registry=registry)
