@@ -22,6 +22,7 @@ small job.json is the part that changes, always by write-fsync-rename.
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -252,9 +253,15 @@ class JobWriter:
             raise SpoolError(f"cannot commit job {self.message_id}: {exc}") from exc
 
     def abort(self) -> None:
-        """Forget a message that will not be accepted (or whose commit failed)."""
+        """Forget a message that will not be accepted (or whose commit failed).
+
+        On a full disk close() fails too, flushing what is still buffered (the
+        file is closed all the same): that data is being thrown away anyway, and
+        the reception must still leave tmp/ now, not at the janitor's next pass.
+        """
         if not self._fh.closed:
-            self._fh.close()
+            with contextlib.suppress(OSError):
+                self._fh.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
