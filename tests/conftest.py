@@ -8,7 +8,10 @@ top-level package.
 
 import os
 
-pytest_plugins = ["harness.fixtures", "harness.moto_fixtures", "harness.scanner_fixtures"]
+pytest_plugins = [
+    "harness.fixtures", "harness.moto_fixtures", "harness.scanner_fixtures",
+    "harness.prometheus",
+]
 
 # tests/package/ checks the installed Debian package; `./run test` runs it on its
 # own, under /usr/bin/python3, after building and installing the .deb.
