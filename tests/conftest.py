@@ -9,7 +9,7 @@ top-level package.
 import os
 
 pytest_plugins = [
-    "harness.fixtures", "harness.moto_fixtures", "harness.scanner_fixtures",
+    "harness.fixtures", "harness.moto_fixtures", "harness.scanner_fixtures", "harness.faults",
     "harness.prometheus",
 ]
 
