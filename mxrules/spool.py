@@ -270,10 +270,15 @@ class Spool:
         self.root = root
 
     def ensure(self) -> None:
-        """Create the state directories (again, if an operator removed them)."""
-        os.makedirs(self.root, mode=0o700, exist_ok=True)
-        for sub in ("tmp", *STATES):
-            os.makedirs(os.path.join(self.root, sub), mode=0o700, exist_ok=True)
+        """Create the state directories (again, if an operator removed them).
+
+        The milter calls this for every message, so a directory that is there
+        costs one stat: makedirs would try a mkdir, which takes the parent's
+        lock and fails, and look again.
+        """
+        for path in (self.root, *(os.path.join(self.root, s) for s in ("tmp", *STATES))):
+            if not os.path.isdir(path):
+                os.makedirs(path, mode=0o700, exist_ok=True)
 
     def new_job(self, message_id: str) -> JobWriter:
         try:
