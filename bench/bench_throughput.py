@@ -78,6 +78,7 @@ class Run:
     messages: int
     wall: float
     milter_cpu: float  # CPU seconds of the milter process (0 for `postfix`)
+    milter_sys: float  # of which in the kernel
     busy: float  # share of the machine's CPU time that was not idle during the run
 
     @property
@@ -85,10 +86,13 @@ class Run:
         return self.messages / self.wall
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), from /proc/PID/stat."""
+def cpu_seconds(pid: int | None) -> tuple[float, float]:
+    """(user, system) CPU seconds of a process (all its threads), from /proc/PID/stat."""
+    if pid is None:
+        return 0.0, 0.0
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
 
 
 def machine_times() -> tuple[int, int]:
@@ -194,18 +198,18 @@ class Rig:
         argv = [SMTP_SOURCE, "-s", str(sessions), "-m", str(messages), "-l", str(size),
                 "-r", str(rcpts), "-f", SENDER, "-t", RECIPIENT, "-M", "client.test",
                 f"127.0.0.1:{p.smtp_port}"]
-        cpu0 = cpu_seconds(pid) if pid else 0.0
+        user0, sys0 = cpu_seconds(pid)
         busy0, total0 = machine_times()
         t0 = time.monotonic()
         out = subprocess.run(argv, capture_output=True, text=True, check=False)
         wall = time.monotonic() - t0
         busy1, total1 = machine_times()
-        cpu = cpu_seconds(pid) - cpu0 if pid else 0.0
+        user1, sys1 = cpu_seconds(pid)
         if out.returncode != 0 or out.stderr.strip():
             raise RuntimeError(f"smtp-source against {config} exited {out.returncode}:\n"
                                f"{out.stderr[-2000:]}\nmaillog tail:\n{p.log_tail(20)}")
         self._settle(config, messages, rcpts, log_from)
-        return Run(config, sessions, messages, wall, cpu,
+        return Run(config, sessions, messages, wall, user1 - user0 + sys1 - sys0, sys1 - sys0,
                    (busy1 - busy0) / max(1, total1 - total0))
 
     def _settle(self, config: str, messages: int, rcpts: int, log_from: int) -> None:
@@ -250,20 +254,25 @@ def _wait_count(p: Postfix, pattern: str, want: int, since: int, timeout: float 
 
 
 def profile(rig: Rig, sessions: int, messages: int, size: int, rcpts: int, out: Path) -> None:
-    """py-spy record the mxrules milter (all threads, native frames off) during one run."""
+    """py-spy record the mxrules milter (all threads, on-CPU samples) during one run.
+
+    A .txt output is py-spy's raw format (collapsed stacks), anything else an SVG flame graph.
+    """
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     pid = rig.milter_pid("mxrules")
     assert pid is not None
     spy = subprocess.Popen([pyspy, "record", "--pid", str(pid), "--rate", "200",
-                            "--format", "speedscope" if out.suffix == ".json" else "flamegraph",
-                            "--output", str(out), "--threads", "--idle"],
+                            "--format", "raw" if out.suffix == ".txt" else "flamegraph",
+                            "--output", str(out), "--threads"],
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(1.0)
     r = rig.run("mxrules", sessions, messages, size, rcpts)
     spy.send_signal(signal.SIGINT)
     _, err = spy.communicate(timeout=60)
-    print(f"profiled {r.messages} messages at {r.rate:.1f} msg/s -> {out} "
-          f"(py-spy: {err.decode(errors='replace').strip().splitlines()[-1:]})")
+    if spy.returncode != 0 or not out.exists():
+        print(f"py-spy failed ({spy.returncode}): {err.decode(errors='replace')[-2000:]}")
+        return
+    print(f"profiled {r.messages} messages at {r.rate:.1f} msg/s with py-spy -> {out}")
 
 
 def chart(results: dict[tuple[str, int], list[Run]], sessions: list[int], path: Path,
@@ -336,7 +345,8 @@ def main() -> int:
                     help="PNG chart of msg/s against sessions ('' for none)")
     ap.add_argument("--profile", type=int, default=0, metavar="SESSIONS",
                     help="after the runs, py-spy the mxrules milter over one run at SESSIONS")
-    ap.add_argument("--profile-out", type=Path, default=Path("/tmp/mxrules-milter-profile.svg"))
+    ap.add_argument("--profile-out", type=Path, default=Path("mxrules-milter-profile.svg"),
+                    help="py-spy output: .svg flame graph or .txt collapsed stacks")
     args = ap.parse_args()
     sessions = [int(s) for s in args.sessions.split(",")]
     if not os.access(SMTP_SOURCE, os.X_OK):
@@ -371,7 +381,8 @@ def main() -> int:
                     results[config, s].append(r)
                     print(f"  rep {rep + 1} sessions={s:<3} {config:<8} {r.rate:7.1f} msg/s "
                           f"(wall {r.wall:.2f}s, milter cpu "
-                          f"{1000 * r.milter_cpu / r.messages:.2f} ms/msg, machine busy "
+                          f"{1000 * r.milter_cpu / r.messages:.2f} ms/msg of which sys "
+                          f"{1000 * r.milter_sys / r.messages:.2f}, machine busy "
                           f"{r.busy:.0%})", flush=True)
         during = machine.load()
         if args.profile:
