@@ -3,7 +3,7 @@
 Real Postfix + `mxrules milter` + `mxrules worker` + moto, and Debian's
 Prometheus on loopback scraping both metrics endpoints every second with the
 shipped alert rules loaded.  Mail goes in (accepted, a recipient refused 550, a
-client refused by an IP filter, a recipient of another domain), the worker
+client refused by an IP filter, recipients of another domain), the worker
 stores the accepted messages in S3; then Prometheus's HTTP API must show those
 events, the shipped alerts must evaluate cleanly and stay quiet, every dashboard
 query must run, and the logs must hold one key=value line per decision with the
@@ -106,6 +106,8 @@ def test_prometheus_sees_mail_flow_rejections_and_actions(
         assert r.data is not None and r.data[0] == 250, r
         r = deliver(["user@example.com"], client_ip="192.0.2.9")  # IP filter bad-net
         assert r.data is None, r
+        r = deliver(["friend@elsewhere.test"])  # nothing for mxrules: passed through
+        assert r.data is not None and r.data[0] == 250, r
         wait_idle(Spool(str(directory / "spool")))
         assert len(moto_server.s3_keys(bucket, "mail/")) == 2
 
@@ -126,12 +128,12 @@ def _assert_series(prom: PrometheusServer) -> None:
     prom.wait_for('mxrules_actions_total{job="mxrules-worker", outcome="ok", type="S3"}',
                   equals({"S3": 2}, "type"))
     prom.wait_for('mxrules_messages_total{job="mxrules-milter"}',
-                  equals({"spooled": 2, "passed": 0, "tempfail": 0, "rejected": 0}, "result"))
+                  equals({"spooled": 2, "passed": 1, "tempfail": 0, "rejected": 0}, "result"))
     assert prom.values('sum by (reason) (mxrules_rejections_total{job="mxrules-milter"})',
                        "reason") == {"no-rule": 1, "block-filter": 1}
     assert prom.values('mxrules_recipients_total{job="mxrules-milter", result!="tls-required",'
                        ' result!="no-rule-set"}', "result") == {
-        "accepted": 2, "no-rule": 1, "unmanaged": 1}
+        "accepted": 2, "no-rule": 1, "unmanaged": 2}
     assert prom.values('mxrules_connections_total{result="rejected"}', "result") == {
         "rejected": 1}
     assert prom.values('mxrules_rule_matches_total', "rule") == {"store": 2}
@@ -179,11 +181,12 @@ def _assert_decision_logs(milter_log: str, worker_log: str, secret: str,
     connects = lines(milter_log, "connect")
     assert [c["result"] for c in connects].count("reject") == 1
     assert next(c for c in connects if c["result"] == "reject")["reason"] == "block-filter"
-    assert len([c for c in connects if c["result"] == "accept"]) >= 3
+    assert len([c for c in connects if c["result"] == "accept"]) >= 4
     rcpts = {r["rcpt"]: r for r in lines(milter_log, "rcpt")}
     assert rcpts["nobody@example.com"]["result"] == "no-rule"
     assert rcpts["friend@elsewhere.test"]["result"] == "unmanaged"
     assert rcpts["user@example.com"]["rules"] == "store"
+    assert [e["result"] for e in lines(milter_log, "eom")].count("passed") == 1
     eoms = [e for e in lines(milter_log, "eom") if e["result"] == "spooled"]
     message_ids = sorted(k.removeprefix("mail/") for k in keys)
     assert sorted(e["message_id"] for e in eoms) == message_ids
