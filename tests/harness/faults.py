@@ -108,10 +108,10 @@ class Chain:
                 raise TimeoutError(f"spool not idle: {counts}\n{self.worker.log()[-3000:]}")
             time.sleep(0.05)
 
-    def worker_metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    def worker_metrics(self) -> Samples:
         return scrape(self.worker.port)
 
-    def milter_metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    def milter_metrics(self) -> Samples:
         return scrape(self.milter_metrics_port)
 
     def account(self, accepted: set[str]) -> Tally:
