@@ -150,7 +150,8 @@ class WorkerMetrics(ConfigMetrics):
         self.action_errors = Counter(
             "mxrules_action_errors_total",
             "Failed action attempts by type and reason (throttled, access-denied, not-found, "
-            "timeout, connection, server-error, client-error, permanent).",
+            "timeout, connection, server-error, client-error, no-credentials, os-error, "
+            "permanent, other).",
             ["type", "reason"], registry=registry)
         self.action_seconds = Histogram(
             "mxrules_action_duration_seconds",
