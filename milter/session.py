@@ -23,7 +23,7 @@ import logging
 import re
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 
 from mxrules.decision import (
     CONTINUE,
@@ -252,7 +252,7 @@ class Session:
                 # the stored copy and deleted from Postfix's.
                 msg.forged.append(msg.auth_results_seen)
                 return
-        self._write(name.encode("ascii", "surrogateescape") + b":" + _crlf(value) + b"\r\n")
+        self._write(name.encode("utf-8", "surrogateescape") + b":" + _crlf(value) + b"\r\n")
 
     def eoh(self) -> None:
         if self.msg is not None:
@@ -320,8 +320,8 @@ class Session:
         engine = msg.engine
         plan = engine.plan(msg.handled)
         headers = in_stream_headers(plan)
-        recipients = tuple(_bare(d.recipient) for d in msg.handled)
-        client = msg.client or self.client
+        recipients = tuple(_utf8(_bare(d.recipient)) for d in msg.handled)
+        client = _utf8_client(msg.client or self.client)
         verdicts = dict(DISABLED_VERDICTS)
         auth_headers: tuple[tuple[str, str], ...] = ()
         if engine.scan_wanted(plan):
@@ -337,13 +337,13 @@ class Session:
             headers = [*outcome.headers(), *headers]
         job = Job(
             message_id=writer.message_id,
-            queue_id=self.queue_id,
+            queue_id=_utf8(self.queue_id),
             received_at=ses_timestamp(),
             rule_set=engine.rule_set.name if engine.rule_set else "",
-            mail_from=msg.sender,
+            mail_from=_utf8(msg.sender),
             recipients=recipients,
             client=client,
-            rules=tuple(MatchedRule(p.rule, tuple(_bare(r) for r in p.recipients))
+            rules=tuple(MatchedRule(p.rule, tuple(_utf8(_bare(r)) for r in p.recipients))
                         for p in plan),
             in_stream_headers=tuple(headers),
             hostname=engine.config.hostname,
@@ -560,6 +560,24 @@ def _bare(address: str) -> str:
     if address.startswith("<") and address.endswith(">"):
         return address[1:-1]
     return address
+
+
+def _utf8(text: str) -> str:
+    """Text for the job: bytes that were not UTF-8 become U+FFFD.
+
+    pymilter decodes what Postfix hands over (addresses, HELO, host names)
+    with surrogateescape; the job and every SES payload are UTF-8 JSON, which
+    cannot carry those lone surrogates, so one would make every delivery
+    attempt of the message fail.
+    """
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def _utf8_client(client: Client) -> Client:
+    return Client(*(_utf8(value) for value in astuple(client)))
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _crlf(value: bytes) -> bytes:

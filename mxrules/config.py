@@ -279,6 +279,8 @@ def load(path: str = DEFAULT_PATH, text: str | None = None) -> Config:
         where = f"{path}:{mark.line + 1}" if mark else path
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError([ConfigProblem(where, "", f"not valid YAML: {problem}")]) from None
+    except RecursionError:  # `[[[[...` or thousands of indents: PyYAML recurses per level
+        raise ConfigError([ConfigProblem(path, "", "not valid YAML: nested too deeply")]) from None
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -38,6 +38,8 @@ def read_json(path: str, text: str | None = None) -> Any:
     except json.JSONDecodeError as exc:
         problem = ConfigProblem(path, "", f"not valid JSON (line {exc.lineno}): {exc.msg}")
         raise ConfigError([problem]) from None
+    except RecursionError:  # `[[[[...`: the parser's recursion limit, not a crash
+        raise ConfigError([ConfigProblem(path, "", "not valid JSON: nested too deeply")]) from None
 
 
 def rule_set_from_ses(doc: Any, path: str) -> tuple[str, list[dict[str, Any]]]:

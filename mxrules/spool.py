@@ -126,7 +126,8 @@ class Job:
             return _from_json(body)
         except CorruptJobError:
             raise
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        # RecursionError: `[[[[...` exceeds the JSON parser's recursion limit.
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise CorruptJobError(job_id, f"cannot decode job.json: {exc!r}") from None
 
 
@@ -248,7 +249,7 @@ class JobWriter:
             _fsync_dir(os.path.join(self.spool.root, "incoming"))
             _fsync_dir(os.path.join(self.spool.root, "tmp"))
             return target
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: a job.json that cannot be encoded
             self.abort()
             raise SpoolError(f"cannot commit job {self.message_id}: {exc}") from exc
 
