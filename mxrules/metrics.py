@@ -165,8 +165,8 @@ class WorkerMetrics(ConfigMetrics):
             ["type"], registry=registry)
         self.dispositions = Counter(
             "mxrules_lambda_dispositions_total",
-            "Dispositions returned by RequestResponse Lambda functions (CONTINUE, STOP_RULE, "
-            "STOP_RULE_SET).",
+            "Dispositions of Lambda actions (CONTINUE, STOP_RULE, STOP_RULE_SET), as returned "
+            "by RequestResponse functions; an Event invocation counts as CONTINUE.",
             ["disposition"], registry=registry)
         self.jobs = Counter(
             "mxrules_jobs_total",
