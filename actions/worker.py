@@ -31,7 +31,7 @@ from mxrules import config as config_mod
 from mxrules.config import Config
 from mxrules.errors import EX_UNAVAILABLE, ConfigError, CorruptJobError, SpoolError
 from mxrules.metrics import WorkerMetrics
-from mxrules.service import serve_metrics, setup_logging
+from mxrules.service import kv, serve_metrics, setup_logging
 from mxrules.spool import STATES, Claim, Spool, message_time
 
 from .aws import Clients
@@ -155,8 +155,9 @@ class Worker:
             claim = self._try("active", job_id)
             if claim:
                 self.metrics.recovered.inc()
-                log.warning("job recovered from a worker that stopped holding it "
-                            "message_id=%s (its last action may run again)", job_id)
+                log.warning("job recovered from a worker that stopped holding it %s "
+                            "(its last action may run again)",
+                            kv(message_id=job_id, queue_id=claim.job.queue_id))
                 return claim
         return None
 
