@@ -139,8 +139,7 @@ class Runner:
                 self.metrics.action_seconds.labels(action.TYPE).observe(
                     time.monotonic() - started)
 
-    @staticmethod
-    def _record(claim: Claim, job: Job) -> None:
+    def _record(self, claim: Claim, job: Job) -> None:
         """Make the progress after an action durable before anything else is done.
 
         While actions are left, that is a save (write, fsync, rename, fsync dir).  Once
@@ -150,7 +149,34 @@ class Runner:
         it cannot move it).  Either way a crash repeats at most the action in flight.
         """
         if not complete(job):
-            claim.save(job)
+            self._save(claim, job)
+
+    def _save(self, claim: Claim, job: Job) -> None:
+        """Save a job's progress, holding the job while the spool cannot take it.
+
+        On a full disk the save fails.  Letting go of the job then would leave it in
+        active/ with its last action not recorded, for the next scan to run that
+        action again, and again, for as long as the disk stays full (a DSN or an SNS
+        notification each time).  So the job is held and the save retried; only a
+        drain gives up, and the next start repeats that one action.
+        """
+        delay = 0.1
+        waited = False
+        while True:
+            try:
+                claim.save(job)
+            except OSError as exc:
+                if not waited:
+                    log.error("cannot save job progress, holding the job until the spool "
+                              "takes it message_id=%s error=%s", job.message_id, exc)
+                    waited = True
+                if self.stopping.wait(delay):
+                    raise SpoolError(f"cannot save job {job.message_id}: {exc}") from exc
+                delay = min(2 * delay, 5.0)
+                continue
+            if waited:
+                log.info("job progress saved after waiting message_id=%s", job.message_id)
+            return
 
     def _failed(self, claim: Claim, job: Job, kind: str, exc: Exception) -> str:
         p = job.progress
@@ -165,7 +191,7 @@ class Runner:
         rule = job.rules[p.rule].rule.name
         if self.policy.gives_up(first, now, permanent=permanent):
             job = with_progress(job, attempts=attempts, first_attempt_at=first, last_error=error)
-            claim.save(job)
+            self._save(claim, job)
             claim.move("failed")
             self.metrics.actions.labels(kind, "failed").inc()
             self.metrics.jobs.labels("dead_lettered").inc()
@@ -177,7 +203,7 @@ class Runner:
         delay = self.policy.delay(attempts, self.rand)
         job = with_progress(job, attempts=attempts, first_attempt_at=first, last_error=error,
                             next_due=now + delay)
-        claim.save(job)
+        self._save(claim, job)
         claim.move("deferred")
         self.metrics.actions.labels(kind, "retry").inc()
         log.warning("action failed, will retry %s", kv(
