@@ -142,13 +142,14 @@ def make_chain(moto_server: MotoServer, postfix_factory: Any,
 
     def make(*, endpoint_url: str | None = None, spool_dir: Path | None = None,
              worker: dict[str, Any] | None = None, aws: dict[str, Any] | None = None,
-             milter: dict[str, Any] | None = None) -> Chain:
+             milter: dict[str, Any] | None = None,
+             rules: list[dict[str, Any]] | None = None) -> Chain:
         directory = tmp_path_factory.mktemp("chain")
         moto_server.make_bucket(BUCKET)
         milter_port, worker_port, milter_metrics = free_port(), free_port(), free_port()
         config: dict[str, Any] = {
             "port": milter_port,
-            "rules": s3_rules(),
+            "rules": rules or s3_rules(),
             "metrics": {"milter_listen": f"127.0.0.1:{milter_metrics}",
                         "worker_listen": f"127.0.0.1:{worker_port}"},
             "aws": {"region": "us-east-1", "endpoint_url": endpoint_url or moto_server.endpoint_url,

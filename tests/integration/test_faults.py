@@ -28,6 +28,7 @@ from harness.faults import (
     Sent,
     fill,
     mail,
+    recorded_puts,
     report,
     sample,
     send_all,
@@ -247,9 +248,12 @@ def test_aws_refuses_then_hangs_then_500s_then_recovers(make_chain: MakeChain,
 
 def test_spool_filesystem_full_answers_451_and_recovers(make_chain: MakeChain,
                                                         small_fs: Any) -> None:
-    """A full spool filesystem: 451 4.3.0, jobs already queued still run, and when space
-    returns the same messages are accepted without restarting anything."""
-    chain = make_chain(spool_dir=small_fs)
+    """A full spool filesystem: 451 4.3.0; queued jobs wait without repeating an action;
+    when space returns the same messages are accepted, with nothing restarted."""
+    rules = [{"name": "store", "enabled": True, "recipients": [RCPT],
+              "actions": [{"s3": {"bucket_name": "mail-bucket", "object_key_prefix": PREFIX}},
+                          {"s3": {"bucket_name": "mail-bucket", "object_key_prefix": "copy/"}}]}]
+    chain = make_chain(spool_dir=small_fs, rules=rules)
     chain.worker.stop()
     early = send_all(chain, [mail("before-full", i) for i in range(2)])
     assert all(s.accepted for s in early)
@@ -263,9 +267,16 @@ def test_spool_filesystem_full_answers_451_and_recovers(make_chain: MakeChain,
         assert "4.3.0 Temporary failure storing the message" in data[1], s.tries
     assert chain.counts()["incoming"] == 2 and chain.spool.ids("tmp") == []
 
-    chain.worker.start()  # the queued jobs run while the disk is still full
-    chain.wait_idle()
+    # The queued jobs' first action runs, but its progress cannot be saved: each job
+    # is held (not handed back to run that action again) until there is room.
+    chain.worker.start()
+    wait(lambda: len(chain.moto.s3_keys("mail-bucket", PREFIX)) == 2, "first actions")
+    time.sleep(1)
+    held = recorded_puts(chain.moto)
+    assert sum(held.values()) == 2 and len(chain.spool.ids("active")) == 2, held
+    assert "holding the job until the spool takes it" in chain.worker.log()
     filler.unlink()
+    chain.wait_idle()
     retried = send_all(chain, later, sessions=1)
     assert all(s.accepted for s in retried), [s.tries for s in retried]
     chain.wait_idle()
@@ -275,6 +286,7 @@ def test_spool_filesystem_full_answers_451_and_recovers(make_chain: MakeChain,
     report("spool-full", tally, answered_451=len(refused), spool_write_failures=int(failures))
     assert tally.lost == set() and tally.strangers == set()
     assert sum(tally.landed.values()) == 5 and tally.duplicates == 0
+    assert len(chain.moto.s3_keys("mail-bucket", "copy/")) == 5
     assert failures == 3
     assert sample(chain.milter_metrics(), "mxrules_milter_errors_total", stage="eom") == 0
     assert chain.counts()["failed"] == 0
@@ -360,3 +372,4 @@ def test_postfix_restarted_mid_traffic(make_chain: MakeChain) -> None:
     assert tally.extra_objects <= sessions, tally.summary()
     assert tally.repeated_puts == 0
     assert chain.counts()["failed"] == 0
+
