@@ -91,6 +91,9 @@ class MxrulesMilter(Milter.Base):
     @_edge("rcpt")
     def envrcpt(self, recipient: str, *params: str) -> int:
         tls = bool(self._macro("{tls_version}"))
+        # Postfix names the queue file once one recipient is valid
+        # (smtpd_delay_open_until_valid_rcpt): later RCPT lines carry its id.
+        self.session.queue_id = self._macro("i") or self.session.queue_id
         return self._answer(self.session.rcpt(recipient, tls=tls))
 
     @Milter.decode("bytes")

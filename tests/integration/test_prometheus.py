@@ -217,6 +217,8 @@ def _assert_decision_logs(milter_log: str, worker_log: str, secret: str,
     queue_ids = {e["message_id"]: e["queue_id"] for e in eoms}
     assert len(queue_ids) == 3 and len(set(queue_ids.values())) == 3
     assert all(re.fullmatch(r"[0-9A-Za-z]{6,}", q) for q in queue_ids.values()), queue_ids
+    # Postfix names the queue file at the first valid recipient: later RCPT lines carry it.
+    assert rcpts["nobody@example.com"].get("queue_id") in queue_ids.values()
     stored = {k.removeprefix("mail/") for k in keys}
     [broken] = set(queue_ids) - stored
 
