@@ -259,7 +259,9 @@ def test_spool_filesystem_full_answers_451_and_recovers(make_chain: MakeChain,
     assert all(s.accepted for s in early)
     filler = fill(small_fs)
 
-    later = [mail("while-full", i) for i in range(3)]
+    # Small ones fail at the commit's flush, the large one while its body is written.
+    later = [mail("while-full", 0), mail("while-full", 1, body=(b"z" * 998 + b"\r\n") * 100),
+             mail("while-full", 2)]
     refused = send_all(chain, later, sessions=1)
     for s in refused:
         data = s.tries[0].data
