@@ -11,6 +11,7 @@ import grp
 import os
 import pwd
 import re
+import shutil
 import stat
 import subprocess
 import time
@@ -191,10 +192,25 @@ class Postfix:
         params.update(self.extra)
         return params
 
+    # smtpd chrooted into the queue directory, as Debian's own master.cf has it.
+    chroot_smtpd = False
+
     def master_cf(self) -> str:
         """The complete master.cf: one smtpd on the loopback test port plus internal services."""
-        smtpd = f"{HOST}:{self.smtp_port} inet n - n - - smtpd\n"
+        chroot = "y" if self.chroot_smtpd else "n"
+        smtpd = f"{HOST}:{self.smtp_port} inet n - {chroot} - - smtpd\n"
         return smtpd + _MASTER_SERVICES
+
+    def chroot(self) -> None:
+        """Run smtpd chrooted from now on, with the files Debian copies into the jail."""
+        etc = self.queue_dir / "etc"
+        etc.mkdir(exist_ok=True)
+        for name in ("localtime", "services", "resolv.conf", "hosts", "nsswitch.conf",
+                     "host.conf"):
+            if Path("/etc", name).is_file():
+                shutil.copy(Path("/etc", name), etc / name)
+        self.chroot_smtpd = True
+        self.reload()
 
     def write_config(self) -> None:
         """Write main.cf/master.cf and reject parameter names Postfix does not know (typos)."""

@@ -99,6 +99,19 @@ def test_units_pass_systemd_analyze() -> None:
         assert "Overall exposure level" in security.stdout, security.stdout + security.stderr
 
 
+def smtpd_roots(port: int) -> set[str]:
+    """The root directories of the smtpd processes serving `port`."""
+    roots = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if cmdline[0].endswith(b"smtpd") and f":{port}".encode() in b" ".join(cmdline):
+                roots.add(os.readlink(f"/proc/{pid}/root"))
+        except OSError:
+            continue
+    return roots
+
+
 @pytest.fixture
 def socket_dir_factory() -> Iterator[Any]:
     made: list[Path] = []
@@ -115,12 +128,17 @@ def socket_dir_factory() -> Iterator[Any]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.mark.parametrize("chroot", [False, True], ids=["smtpd", "chrooted-smtpd"])
 def test_one_message_end_to_end_over_the_unix_socket(
-        moto_server: MotoServer, postfix_factory: Any, socket_dir_factory: Any) -> None:
+        moto_server: MotoServer, postfix_factory: Any, socket_dir_factory: Any,
+        chroot: bool) -> None:
     """Postfix -> unix socket -> installed milter (as user mxrules) -> spool -> worker -> S3."""
     bucket = moto_server.make_bucket("installed-package")
-    # Postfix names the socket relative to its queue directory, as conf/postfix-main.cf does.
+    # Postfix names the socket relative to its queue directory, as conf/postfix-main.cf
+    # does: the same line works for an smtpd chrooted into that directory.
     postfix = postfix_factory(milter="unix:mxrules/milter.sock")
+    if chroot:
+        postfix.chroot()
     sock_dir = socket_dir_factory(postfix.queue_dir)
     workdir = Path(tempfile.mkdtemp(prefix="mxrules-pkgtest-"))
     workdir.chmod(0o755)  # readable by the mxrules user, like /etc/mxrules
@@ -155,7 +173,8 @@ def test_one_message_end_to_end_over_the_unix_socket(
         assert stat.S_IMODE(st.st_mode) == 0o660
         assert st.st_gid == pwd.getpwnam("postfix").pw_gid  # from the setgid directory
 
-        msg = message("a@sender.test", ["user@example.com"], subject="installed")
+        subject = f"installed chroot={chroot}"
+        msg = message("a@sender.test", ["user@example.com"], subject=subject)
         result = send("127.0.0.1", postfix.smtp_port, "a@sender.test",
                       ["user@example.com"], msg)
         assert result.data is not None and result.data[0] == 250, result
@@ -168,9 +187,13 @@ def test_one_message_end_to_end_over_the_unix_socket(
                 assert time.monotonic() < deadline, logs["worker"].read_text()
                 time.sleep(0.2)
         body = s3.get_object(Bucket=bucket, Key=keys[0])["Body"].read()
-        assert keys[0].startswith("in/") and b"Subject: installed" in body
+        assert keys[0].startswith("in/") and f"Subject: {subject}".encode() in body
         # The job left the spool the packaged way: owned by mxrules, under /var/spool/mxrules.
         assert not list((SPOOL / "incoming").iterdir())
+        # The session really ran in the jail (or not): smtpd lingers, its root says where.
+        roots = smtpd_roots(postfix.smtp_port)
+        assert roots, "no smtpd process of this instance left to look at"
+        assert roots == {str(postfix.queue_dir) if chroot else "/"}
         assert (SPOOL / "done").stat().st_uid == pwd.getpwnam("mxrules").pw_uid
     finally:
         for proc in procs:
