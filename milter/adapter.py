@@ -94,7 +94,10 @@ class MxrulesMilter(Milter.Base):
         # Postfix names the queue file once one recipient is valid
         # (smtpd_delay_open_until_valid_rcpt): later RCPT lines carry its id.
         self.session.queue_id = self._macro("i") or self.session.queue_id
-        return self._answer(self.session.rcpt(recipient, tls=tls))
+        # Judge the address Postfix parsed and will deliver to, not the client's
+        # text: Postfix reads `RCPT TO:<user@example.com>>` as user@example.com.
+        parsed = self._macro("{rcpt_addr}")
+        return self._answer(self.session.rcpt(f"<{parsed}>" if parsed else recipient, tls=tls))
 
     @Milter.decode("bytes")
     @Milter.noreply
