@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -190,6 +191,48 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+class _SharedDirSync:
+    """fsync of one directory, shared by the commits that need it at the same time.
+
+    A commit needs its rename in the directory durable before Postfix may
+    answer 250, and any fsync of the directory that starts after the rename
+    makes it so.  Under load many milter threads commit at once: each takes a
+    ticket after its rename; one of them runs the fsync for every ticket taken
+    before it started, and the others wait for it instead of queueing fsyncs
+    of their own.  A ticket that the running fsync does not cover (taken after
+    it started) gets the next one.  A failed fsync covers nothing: a waiter
+    then runs its own and gets its own error.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._cond = threading.Condition()
+        self._tickets = 0  # handed out so far
+        self._durable = 0  # every ticket up to this one is covered by a completed fsync
+        self._running = False
+
+    def sync(self) -> None:
+        with self._cond:
+            self._tickets += 1
+            ticket = self._tickets
+            while self._running and self._durable < ticket:
+                self._cond.wait()
+            if self._durable >= ticket:
+                return
+            self._running = True
+            covers = self._tickets  # every rename before this instant
+        done = False
+        try:
+            _fsync_dir(self.path)
+            done = True
+        finally:
+            with self._cond:
+                self._running = False
+                if done:
+                    self._durable = max(self._durable, covers)
+                self._cond.notify_all()
+
+
 class JobWriter:
     """One message being received: streamed to tmp/, committed by rename.
 
@@ -246,8 +289,8 @@ class JobWriter:
             _fsync_dir(self.dir)
             target = os.path.join(self.spool.root, "incoming", self.message_id)
             os.rename(self.dir, target)
-            _fsync_dir(os.path.join(self.spool.root, "incoming"))
-            _fsync_dir(os.path.join(self.spool.root, "tmp"))
+            self.spool.dir_sync("incoming")
+            self.spool.dir_sync("tmp")
             return target
         except (OSError, ValueError) as exc:  # ValueError: a job.json that cannot be encoded
             self.abort()
@@ -269,6 +312,11 @@ class JobWriter:
 class Spool:
     def __init__(self, root: str) -> None:
         self.root = root
+        self._dir_syncs = {d: _SharedDirSync(os.path.join(root, d)) for d in ("incoming", "tmp")}
+
+    def dir_sync(self, name: str) -> None:
+        """Make the renames already done in incoming/ or tmp/ durable (an fsync, shared)."""
+        self._dir_syncs[name].sync()
 
     def ensure(self) -> None:
         """Create the state directories (again, if an operator removed them).
