@@ -206,7 +206,10 @@ def _validator_class() -> Any:
     return jsonschema.validators.extend(base, {"pattern": _pattern})
 
 
+@cache
 def _validator(sub: str | None = None) -> jsonschema.protocols.Validator:
+    # One validator per (sub)schema for the process: a new one would resolve its
+    # $refs afresh, 1 ms per SES filter or rule validated, 100 s for 100,000 filters.
     full = schema()
     target = full if sub is None else {**full["$defs"][sub], "$defs": full["$defs"]}
     return _validator_class()(target)
