@@ -13,6 +13,7 @@ hang is reported as a failure too.  Prints one summary line per target.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import sys
@@ -60,7 +61,7 @@ def main() -> int:
     args = parser.parse_args()
     targets = [t for t in TARGETS if not args.only or t.name in args.only]
     weights = sum(t.weight for t in targets)
-    shares = {t.name: -(-int(args.inputs * t.weight) // weights) for t in targets}
+    shares = {t.name: math.ceil(args.inputs * t.weight / weights) for t in targets}
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, "
           f"{platform.python_implementation()} {platform.python_version()}")
     print(f"{len(targets)} targets, {sum(shares.values())} inputs, "
@@ -69,7 +70,7 @@ def main() -> int:
     rows = []
     try:
         for target in targets:
-            result = fuzz(target, int(shares[target.name]))
+            result = fuzz(target, shares[target.name])
             rows.append((target, result))
             print(f"  {target.name:<13} {result['inputs']:>7} inputs  "
                   f"{result['seconds']:7.1f} s  {'FAILED' if result['failure'] else 'ok'}",

@@ -2,7 +2,7 @@
 
 The long run (100,000+ inputs) is `bench/fuzz.py`; this one keeps the
 targets working and catches regressions on the inputs hypothesis finds first.
-MXRULES_HYPOTHESIS_PROFILE=mxrules-fuzz runs the same tests with many more inputs.
+MXRULES_HYPOTHESIS=fuzz runs the same tests with many more inputs.
 """
 
 from __future__ import annotations
@@ -23,13 +23,15 @@ from mxrules.metrics import MilterMetrics
 from mxrules.milter.session import Runtime, Session
 from mxrules.spool import Spool
 
+# Hostile inputs are big and slow to generate on purpose: no health check applies.
 settings.register_profile(
-    "mxrules-ci", max_examples=100, deadline=None, database=None, print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow])
+    "mxrules-fuzz-seed-ci", max_examples=100, deadline=None, database=None, print_blob=True,
+    suppress_health_check=list(HealthCheck))
 settings.register_profile(
-    "mxrules-fuzz", max_examples=5000, deadline=None, database=None, print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow])
-PROFILE = settings.get_profile(os.environ.get("MXRULES_HYPOTHESIS_PROFILE", "mxrules-ci"))
+    "mxrules-fuzz-seed-fuzz", max_examples=5000, deadline=None, database=None,
+    print_blob=True, suppress_health_check=list(HealthCheck))
+PROFILE = settings.get_profile(
+    "mxrules-fuzz-seed-" + os.environ.get("MXRULES_HYPOTHESIS", "ci"))
 
 
 @pytest.fixture(scope="module", autouse=True)

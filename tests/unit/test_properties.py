@@ -8,8 +8,8 @@ model below, which is written as the SPEC reads: linear scans over every
 rule, condition and filter, with `ipaddress` for the CIDR test.  No index, no
 prefix table.
 
-Example counts come from a hypothesis profile: `mxrules-ci` (the default,
-seconds) or `mxrules-fuzz` (MXRULES_HYPOTHESIS_PROFILE=mxrules-fuzz, minutes).
+Example counts come from a hypothesis profile: `mxrules-properties-ci` (the
+default, seconds) or `mxrules-properties-fuzz` (MXRULES_HYPOTHESIS=fuzz, minutes).
 """
 
 from __future__ import annotations
@@ -30,12 +30,13 @@ from mxrules.ipfilter import parse_cidr, parse_ip
 from mxrules.rules import IpFilter, Limits, Rule, RuleSet
 
 settings.register_profile(
-    "mxrules-ci", max_examples=150, deadline=None, database=None, print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow])
+    "mxrules-properties-ci", max_examples=150, deadline=None, database=None,
+    print_blob=True, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile(
-    "mxrules-fuzz", max_examples=5000, deadline=None, database=None, print_blob=True,
-    suppress_health_check=[HealthCheck.too_slow])
-PROFILE = settings.get_profile(os.environ.get("MXRULES_HYPOTHESIS_PROFILE", "mxrules-ci"))
+    "mxrules-properties-fuzz", max_examples=5000, deadline=None, database=None,
+    print_blob=True, suppress_health_check=[HealthCheck.too_slow])
+PROFILE = settings.get_profile(
+    "mxrules-properties-" + os.environ.get("MXRULES_HYPOTHESIS", "ci"))
 
 # -- generators: small pools, so that conditions, filters and clients collide ----
 
