@@ -85,7 +85,10 @@ class MxrulesMilter(Milter.Base):
 
     @_edge("mail")
     def envfrom(self, sender: str, *params: str) -> int:
-        reply = self.session.mail(sender, Milter.param2dict(params))
+        # As for RCPT: the address Postfix parsed ({mail_addr}, empty for <>).
+        parsed = self._macro("{mail_addr}")
+        reply = self.session.mail(f"<{parsed}>" if parsed else sender,
+                                  Milter.param2dict(params))
         return self._answer(reply)
 
     @_edge("rcpt")
