@@ -70,6 +70,9 @@ class Runner:
     stopping: threading.Event
     clock: Callable[[], float] = time.time
     rand: Callable[[], float] = random.random
+    # Called with the action type when an action succeeds that had failed before:
+    # what it failed to reach is back (the worker then retries the jobs waiting on it).
+    recovered: Callable[[str], None] | None = None
 
     def run(self, claim: Claim) -> str:
         """Work a job until it is done, deferred or dead; returns which."""
@@ -104,6 +107,8 @@ class Runner:
                 if p.phase == "action":
                     outcome = ACTIONS[action.KEY](ctx)
                     self.metrics.actions.labels(action.TYPE, "ok").inc()
+                    if p.attempts and self.recovered:
+                        self.recovered(action.TYPE)
                     if action.TYPE == "Lambda":
                         self.metrics.dispositions.labels(outcome.disposition).inc()
                     added = p.added_headers + ((outcome.header,) if outcome.header else ())

@@ -70,6 +70,23 @@ class SpoolCollector(Collector):
         yield oldest
 
 
+# After a retried action succeeds, the jobs waiting on its type are woken at most
+# this often (a flapping endpoint must not turn backoff into a busy loop).
+WAKE_INTERVAL_NS = 10 * 1_000_000_000
+# Failure reasons that say the endpoint was unreachable or unwell, not the job wrong.
+TRANSIENT = frozenset({"connection", "timeout", "throttled", "server-error"})
+
+
+def _waits_on(last_error: str) -> str:
+    """The action type a deferred job waits on, if its failure was transient.
+
+    last_error is "TYPE STEP: REASON: detail" (see Runner._failed).
+    """
+    head, _, rest = last_error.partition(": ")
+    reason = rest.partition(": ")[0]
+    return head.split(" ", 1)[0] if reason in TRANSIENT else ""
+
+
 class Worker:
     def __init__(self, cfg: Config, registry: CollectorRegistry) -> None:
         self.cfg = cfg
@@ -80,7 +97,9 @@ class Worker:
         w = cfg.worker
         self.policy = RetryPolicy(w.retry_window, w.retry_initial_delay, w.retry_max_delay)
         self.stopping = threading.Event()
-        self._due: dict[str, tuple[int, float]] = {}  # deferred id -> (mtime_ns, next_due)
+        # deferred id -> (mtime_ns, next_due, action type it waits on or "")
+        self._due: dict[str, tuple[int, float, str]] = {}
+        self._woken: dict[str, int] = {}  # action type -> when a retry of it last succeeded
         # incoming/ as last listed, newest first (pop() gives the oldest), shared by the
         # threads: a backlog of N jobs is listed about once, not once per job (O(N) each).
         self._incoming: list[str] = []
@@ -106,15 +125,19 @@ class Worker:
         with self._lock:
             cached = self._due.get(job_id)
         if cached and cached[0] == mtime:
-            return cached[1]
-        try:
-            due = self.spool.load("deferred", job_id).progress.next_due
-        except CorruptJobError:
-            due = 0.0  # claim it now; the claim moves it to corrupt/
-        except SpoolError:
-            return float("inf")
-        with self._lock:
-            self._due[job_id] = (mtime, due)
+            due, waits_on = cached[1], cached[2]
+        else:
+            try:
+                progress = self.spool.load("deferred", job_id).progress
+                due, waits_on = progress.next_due, _waits_on(progress.last_error)
+            except CorruptJobError:
+                due, waits_on = 0.0, ""  # claim it now; the claim moves it to corrupt/
+            except SpoolError:
+                return float("inf")
+            with self._lock:
+                self._due[job_id] = (mtime, due, waits_on)
+        if waits_on and mtime < self._woken.get(waits_on, 0):
+            return 0.0  # what it failed to reach has been reached since
         return due
 
     def _next_incoming(self, may_list: bool) -> tuple[str | None, bool]:
@@ -196,7 +219,24 @@ class Worker:
         with self._lock:
             cfg, policy, generation = self.cfg, self.policy, self.generation
         return generation, Runner(cfg.worker, Clients(cfg.aws), self.metrics, policy,
-                                  self.stopping)
+                                  self.stopping, recovered=self.recovered)
+
+    def recovered(self, kind: str) -> None:
+        """An action of `kind` succeeded on a retry: retry now the jobs waiting on it.
+
+        Without this a backlog drains only as fast as each job's backoff comes due
+        (up to worker.retry_max_delay after the outage ends).  Only jobs deferred
+        before this moment, by a failure of the same action type that says nothing
+        about the job itself (connection, timeout, throttled, server error), are
+        woken; a job that fails again is deferred anew with its own backoff.
+        """
+        now = time.time_ns()
+        with self._lock:
+            if now - self._woken.get(kind, 0) < WAKE_INTERVAL_NS:
+                return
+            self._woken[kind] = now
+        log.info("retried %s action succeeded: deferred %s jobs that failed to reach it "
+                 "are retried now", kind, kind)
 
     def work(self, name: str, once: bool = False) -> None:
         generation, runner = self._runner()

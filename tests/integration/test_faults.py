@@ -375,3 +375,46 @@ def test_postfix_restarted_mid_traffic(make_chain: MakeChain) -> None:
     assert tally.repeated_puts == 0
     assert chain.counts()["failed"] == 0
 
+
+
+# -- recovery ---------------------------------------------------------------------------------
+
+def test_backlog_is_retried_as_soon_as_aws_is_back(make_chain: MakeChain,
+                                                   aws_proxy: AwsProxy) -> None:
+    """After an outage the backlog drains when the endpoint is back, not when each
+    job's backoff comes due: the first retry that succeeds wakes the others."""
+    chain = make_chain(endpoint_url=aws_proxy.url,
+                       worker={"retry_initial_delay": 1, "retry_max_delay": 300})
+    early = send_all(chain, [mail("early", i) for i in range(4)])
+    assert all(s.accepted for s in early)
+
+    def progress(state: str = "deferred") -> dict[str, Any]:
+        out = {}
+        for job_id in chain.spool.ids(state):
+            try:
+                out[job_id] = chain.spool.load(state, job_id).progress
+            except Exception:  # being moved by the worker right now
+                continue
+        return out
+
+    # Five refused attempts each (retried after 0.5-1, 1-2, 2-4, 4-8 s): the next
+    # attempts are due 8-16 s later.
+    wait(lambda: len(progress()) == 4 and all(p.attempts >= 5 for p in progress().values()),
+         "four jobs deferred after five refused attempts", timeout=60)
+    early_due = min(p.next_due for p in progress().values())
+    late = send_all(chain, [mail("late", 0)])
+    assert late[0].accepted
+    wait(lambda: len(progress()) == 5, "the late job deferred")
+    late_due = min(p.next_due for p in progress().values())
+    assert early_due - late_due > 2, "the early jobs' backoff is too short to tell"
+
+    aws_proxy.set_mode("forward")
+    chain.wait_idle()
+    drained = time.time()
+    tally = chain.account(accepted(early + late))
+    report("aws-recovery", tally, drained_before_due_s=round(early_due - drained, 1))
+    assert tally.lost == set() and tally.duplicates == 0
+    assert sum(tally.landed.values()) == 5
+    # Done before any early job's own retry was due: woken by the late job's success.
+    assert drained < early_due, (drained, early_due)
+    assert "retried S3 action succeeded" in chain.worker.log()

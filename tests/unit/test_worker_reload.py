@@ -62,3 +62,17 @@ def test_settings_that_need_a_restart_are_named(tmp_path: Path,
     with caplog.at_level(logging.WARNING):
         assert worker.reload(str(path)) is True
     assert "worker.threads changed (4 -> 9)" in caplog.text
+
+
+@pytest.mark.parametrize(("last_error", "waits_on"), [
+    ("S3 action: connection: Could not connect to the endpoint URL", "S3"),
+    ("Lambda action: timeout: Read timeout on endpoint URL", "Lambda"),
+    ("SNS notification: throttled: Rate exceeded", "SNS"),
+    ("S3 action: server-error: An error occurred (InternalError)", "S3"),
+    ("S3 action: not-found: NoSuchBucket", ""),  # the job's own problem: its backoff stands
+    ("Bounce action: access-denied: ...", ""),
+    ("", ""),
+])
+def test_which_deferred_jobs_a_recovery_wakes(last_error: str, waits_on: str) -> None:
+    from mxrules.actions.worker import _waits_on
+    assert _waits_on(last_error) == waits_on
