@@ -74,3 +74,32 @@ def test_a_failed_fsync_is_the_callers_error(tmp_path: Path,
     monkeypatch.setattr(spool_mod, "_fsync_dir", failing)
     with pytest.raises(OSError, match="No space"):
         spool_mod._SharedDirSync(str(tmp_path)).sync()
+
+
+def test_an_fsync_already_running_at_the_rename_does_not_cover_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+    started: list[int] = []
+
+    def fake_fsync(path: str) -> None:
+        started.append(len(started) + 1)
+        if len(started) == 1:
+            assert release.wait(5)  # the first fsync is slow: B renames meanwhile
+
+    monkeypatch.setattr(spool_mod, "_fsync_dir", fake_fsync)
+    shared = spool_mod._SharedDirSync(str(tmp_path))
+    a = threading.Thread(target=shared.sync)
+    a.start()
+    deadline = time.monotonic() + 5
+    while not started and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert started == [1]
+    b_done: list[int] = []  # how many fsyncs had started when B returned
+    b = threading.Thread(target=lambda: (shared.sync(), b_done.append(len(started))))
+    b.start()  # B's rename happened after fsync 1 started
+    time.sleep(0.05)
+    assert b_done == []  # B waits
+    release.set()
+    a.join(5)
+    b.join(5)
+    assert b_done == [2]  # B returned only after an fsync of its own (or a later one)
