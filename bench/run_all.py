@@ -7,7 +7,7 @@ the end takes the headline figures from those outputs and sets them beside
 the goals. The machine and its load average are printed before and after.
 Not run: bench/fuzz.py (a fuzzing run, not a measurement).
 
-    ./run setup && PYTHONSAFEPATH=1 .venv/bin/python bench/run_all.py            # about 25 min
+    ./run setup && PYTHONSAFEPATH=1 .venv/bin/python bench/run_all.py            # about 15 min
     ... --quick                   # every benchmark in a short form (about 5 min), to try it
     ... --only throughput,drain   # some of them
 
