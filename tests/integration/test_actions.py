@@ -26,6 +26,7 @@ from harness.postfix import Postfix
 from harness.sink import SmtpSink
 from harness.smtp import Result, send
 from harness.stack import message, write_config
+from harness.waiting import wait_until
 from mxrules.spool import STATES, Spool
 
 pytestmark = pytest.mark.postfix
@@ -275,17 +276,6 @@ def _spool_cli(loop: Loop, *args: str) -> Any:
     return json.loads(proc.stdout) if "--json" in args else proc.stdout
 
 
-def _wait(predicate: Any, timeout: float = 30, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
-
-
 def test_outage_keeps_jobs_queued_then_completes(make_loop: Any) -> None:
     loop: Loop = make_loop(lambda res: [{"name": "store", "enabled": True,
                                          "recipients": ["user@example.com"],
@@ -297,7 +287,7 @@ def test_outage_keeps_jobs_queued_then_completes(make_loop: Any) -> None:
     def retried() -> Any:
         rows = _spool_cli(loop, "list", "--json")
         return rows if len(rows) == 3 and all(r["attempts"] >= 2 for r in rows) else None
-    rows = _wait(retried, what="jobs retrying")
+    rows = wait_until(retried, "jobs retrying")
     assert all(r["state"] in ("deferred", "active") for r in rows)
     assert all("S3 action: connection" in r["last_error"] for r in rows), rows
     table = _spool_cli(loop, "list")
@@ -316,7 +306,7 @@ def test_retry_window_dead_letters_and_requeue_brings_back(make_loop: Any) -> No
                            worker={"retry_window": 1})
     loop.moto.stop()
     loop.send(["user@example.com"])
-    _wait(lambda: loop.counts()["failed"] == 1, what="dead letter")
+    wait_until(lambda: loop.counts()["failed"] == 1, "dead letter")
     [row] = _spool_cli(loop, "list", "--state", "failed", "--json")
     assert row["attempts"] >= 2 and "connection" in row["last_error"]
     shown = _spool_cli(loop, "show", row["id"])

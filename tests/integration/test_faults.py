@@ -33,21 +33,12 @@ from harness.faults import (
     sample,
     send_all,
 )
+from harness.waiting import wait_until
 
 pytestmark = pytest.mark.postfix
 
 MakeChain = Callable[..., Chain]
 
-
-def wait(predicate: Callable[[], Any], what: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.05)
 
 
 def in_background(target: Callable[[], list[Sent]]) -> Callable[[], list[Sent]]:
@@ -216,11 +207,11 @@ def test_aws_refuses_then_hangs_then_500s_then_recovers(make_chain: MakeChain,
         return sample(chain.worker_metrics(), "mxrules_action_errors_total",
                       type="S3", reason=reason)
 
-    wait(lambda: errors("connection") >= 5, "connection refused errors")
+    wait_until(lambda: errors("connection") >= 5, "connection refused errors")
     aws_proxy.set_mode("hang")
-    wait(lambda: errors("timeout") >= 2, "timeouts")
+    wait_until(lambda: errors("timeout") >= 2, "timeouts")
     aws_proxy.set_mode("error")
-    wait(lambda: errors("server-error") >= 5, "500 errors")
+    wait_until(lambda: errors("server-error") >= 5, "500 errors")
     assert chain.moto.s3_keys("mail-bucket", PREFIX) == []
     assert chain.counts()["failed"] == 0
 
@@ -272,7 +263,7 @@ def test_spool_filesystem_full_answers_451_and_recovers(make_chain: MakeChain,
     # The queued jobs' first action runs, but its progress cannot be saved: each job
     # is held (not handed back to run that action again) until there is room.
     chain.worker.start()
-    wait(lambda: len(chain.moto.s3_keys("mail-bucket", PREFIX)) == 2, "first actions")
+    wait_until(lambda: len(chain.moto.s3_keys("mail-bucket", PREFIX)) == 2, "first actions")
     time.sleep(1)
     held = recorded_puts(chain.moto)
     assert sum(held.values()) == 2 and len(chain.spool.ids("active")) == 2, held
@@ -399,12 +390,12 @@ def test_backlog_is_retried_as_soon_as_aws_is_back(make_chain: MakeChain,
 
     # Five refused attempts each (retried after 0.5-1, 1-2, 2-4, 4-8 s): the next
     # attempts are due 8-16 s later.
-    wait(lambda: len(progress()) == 4 and all(p.attempts >= 5 for p in progress().values()),
+    wait_until(lambda: len(progress()) == 4 and all(p.attempts >= 5 for p in progress().values()),
          "four jobs deferred after five refused attempts", timeout=60)
     early_due = min(p.next_due for p in progress().values())
     late = send_all(chain, [mail("late", 0)])
     assert late[0].accepted
-    wait(lambda: len(progress()) == 5, "the late job deferred")
+    wait_until(lambda: len(progress()) == 5, "the late job deferred")
     late_due = min(p.next_due for p in progress().values())
     assert early_due - late_due > 2, "the early jobs' backoff is too short to tell"
 
