@@ -241,12 +241,16 @@ class Worker:
     def work(self, name: str, once: bool = False) -> None:
         generation, runner = self._runner()
         while not self.stopping.is_set():
-            if generation != self.generation:
-                generation, runner = self._runner()
             try:
+                if generation != self.generation:
+                    generation, runner = self._runner()
                 claim = self.next_job()
             except SpoolError as exc:
                 log.error("spool unusable: %s", exc)
+                claim = None
+            except Exception:
+                # Whatever it is, it must not cost a thread: jobs would wait for a restart.
+                log.exception("unexpected error in %s while looking for work", name)
                 claim = None
             if claim is None:
                 if once:

@@ -76,3 +76,24 @@ def test_settings_that_need_a_restart_are_named(tmp_path: Path,
 def test_which_deferred_jobs_a_recovery_wakes(last_error: str, waits_on: str) -> None:
     from mxrules.actions.worker import _waits_on
     assert _waits_on(last_error) == waits_on
+
+
+def test_an_unexpected_error_while_looking_for_work_does_not_end_the_thread(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "mxrules.yaml"
+    _write(path, "http://127.0.0.1:1")
+    cfg = config_mod.load(str(path))
+    worker = Worker(cfg, CollectorRegistry())
+    calls = []
+
+    def next_job() -> None:
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("a bug")
+        worker.stopping.set()  # the second look: the thread is still alive
+
+    worker.next_job = next_job  # type: ignore[method-assign]
+    with caplog.at_level(logging.ERROR):
+        worker.work("worker-0")
+    assert len(calls) == 2
+    assert "unexpected error in worker-0 while looking for work" in caplog.text
