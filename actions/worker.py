@@ -197,6 +197,10 @@ class Worker:
             self.metrics.load_failed()
             log.error("config reload refused, keeping the old config: %s", exc)
             return False
+        except Exception:  # a reload must never take the reloading thread down
+            self.metrics.load_failed()
+            log.exception("config reload failed, keeping the old config")
+            return False
         for what, old, new in (("spool.directory", self.cfg.spool_directory,
                                 cfg.spool_directory),
                                ("worker.threads", self.cfg.worker.threads, cfg.worker.threads),

@@ -97,3 +97,17 @@ def test_an_unexpected_error_while_looking_for_work_does_not_end_the_thread(
         worker.work("worker-0")
     assert len(calls) == 2
     assert "unexpected error in worker-0 while looking for work" in caplog.text
+
+
+def test_an_unexpected_error_in_a_reload_is_refused_not_raised(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "mxrules.yaml"
+    _write(path, "http://127.0.0.1:1")
+    worker = Worker(config_mod.load(str(path)), CollectorRegistry())
+
+    def broken(_path: str) -> None:
+        raise RuntimeError("a bug in the loader")
+
+    monkeypatch.setattr(config_mod, "load", broken)
+    assert worker.reload(str(path)) is False  # the reloading thread lives on
+    assert worker.generation == 0
