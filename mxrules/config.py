@@ -294,6 +294,31 @@ def load(path: str = DEFAULT_PATH, text: str | None = None) -> Config:
     return _build(path, data, node)
 
 
+def _check_scan(scan: dict[str, Any], problem: Any) -> None:
+    """What the schema cannot say about scanners: usable addresses and name servers.
+
+    Found here, a mistake is a config error at load; found at end of data, it
+    would be a 451 or a PROCESSING_FAILED for every message.
+    """
+    from .scan.spam import ScannerError, parse_address
+
+    for kind in ("spam", "virus"):
+        raw = scan.get(kind) or {}
+        if "address" in raw:
+            try:
+                parse_address(raw["address"])
+            except ScannerError as exc:
+                problem(["scan", kind, "address"], str(exc))
+    dns = scan.get("dns") or {}
+    if dns.get("nameservers"):
+        from .scan.auth import DnsSettings  # dnspython and friends: only when asked for
+
+        try:
+            DnsSettings(tuple(dns["nameservers"]), float(dns.get("timeout", 5.0)))
+        except ValueError as exc:
+            problem(["scan", "dns", "nameservers"], str(exc))
+
+
 def _build(path: str, data: dict[str, Any], node: yaml.Node | None) -> Config:
     problems: list[ConfigProblem] = []
     base = os.path.dirname(path)
@@ -445,6 +470,8 @@ def _build(path: str, data: dict[str, Any], node: yaml.Node | None) -> Config:
             parse_cidr(cidr)
         except ValueError as exc:
             problem(["trusted_forwarders", i], f"not an address or CIDR: {exc}")
+
+    _check_scan(data.get("scan", {}), problem)
 
     if problems:
         raise ConfigError(problems)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+import yaml
 
 from mxrules import cli
 from mxrules.config import DEFAULT_MAX_SIZE, load
@@ -628,3 +629,22 @@ def test_config_error_message_lists_every_problem(tmp_path) -> None:
         f"{path}:2: trusted_forwarders[0]: not an address or CIDR: "
         "'nope' does not appear to be an IPv4 or IPv6 network",
     ]
+
+
+@pytest.mark.parametrize(("scan", "path", "words"), [
+    ({"dns": {"nameservers": ["dns.example"]}}, "scan.dns.nameservers", "bad name server"),
+    ({"dns": {"nameservers": ["192.0.2.53:53", "192.0.2.53:5353"]}}, "scan.dns.nameservers",
+     "two ports"),
+    ({"spam": {"engine": "spamd", "address": "127.0.0.1:0"}}, "scan.spam.address",
+     "neither host:port"),
+    ({"virus": {"engine": "clamd", "address": "127.0.0.1:99999"}}, "scan.virus.address",
+     "neither host:port"),
+])
+def test_unusable_scanner_settings_are_config_errors(tmp_path, scan, path, words) -> None:
+    cfg = tmp_path / "mxrules.yaml"
+    cfg.write_text(yaml.safe_dump({"scan": scan}))
+    with pytest.raises(ConfigError) as err:
+        load(str(cfg))
+    [problem] = err.value.problems
+    assert problem.path == path and words in problem.message, problem
+    assert problem.file.startswith(f"{cfg}:")
