@@ -3,7 +3,7 @@
 It loads the config (exit 78 when it is bad), serves Prometheus metrics,
 watches the config files and hands libmilter the `MxrulesMilter` class.
 
-Reload.  libmilter owns SIGHUP (graceful stop), SIGTERM and SIGINT, and Python
+Reload.  libmilter owns SIGHUP and SIGTERM (both: stop), and SIGINT, and Python
 signal handlers never run while the main thread sits in libmilter's loop.  So
 a watcher thread reloads when any config file changes (checked every
 `milter.reload_interval` seconds) or at once on SIGUSR1, which is blocked in

@@ -15,7 +15,9 @@ CONFIGURATION
     /etc/mxrules/mxrules.yaml, or --config PATH (before or after the command).
 
 DIAGNOSTICS
-    Exit status 0 on success, 78 (EX_CONFIG) for a bad config, 64 for bad usage,
+    Exit status 0 on success, 78 (EX_CONFIG) for a bad config, 2 for a command line
+    that cannot be parsed, 64 for arguments that do not fit together, 69 when the
+    spool or the metrics address cannot be used,
     65 for bad input data.
 """
 
@@ -93,7 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--size", type=int, help="the SIZE= the client announces")
     ex.add_argument("--json", action="store_true", help="print JSON for scripts")
 
-    imp = sub.add_parser("import-ses", help="print SES exports as mxrules YAML",
+    imp = sub.add_parser("import-ses", parents=[common], help="print SES exports as mxrules YAML",
                          description="Convert `aws ses describe-active-receipt-rule-set` "
                                      "(and optionally `aws ses list-receipt-filters`) output "
                                      "to mxrules YAML on standard output.")

@@ -16,11 +16,11 @@ import json
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from . import __version__, cli
+from . import config as config_mod
 from .config import DEFAULT_PATH
 
 DATE = "2026-11-28"
@@ -133,7 +133,8 @@ def render_mxrules_8() -> str:
         "A config that does not pass the checks is refused and the old one stays in use.",
         ".TP", "\\fBSIGTERM\\fR",
         "The worker finishes the actions it is running, then exits; unfinished jobs stay in the "
-        "spool. The milter stops at once; Postfix answers 4xx for the transactions it had open.",
+        "spool. The milter stops within about 5 s (SIGHUP does the same); Postfix answers 4xx "
+        "for the transactions it had open.",
         ".SH FILES",
         ".TP", f"\\fI{roff(DEFAULT_PATH)}\\fR",
         "The config, see \\fBmxrules.yaml\\fR(5).",
@@ -145,9 +146,11 @@ def render_mxrules_8() -> str:
         "The milter's socket in the packaged config; Postfix names it "
         "\\fBunix:mxrules/milter.sock\\fR (relative to its queue directory, chrooted or not).",
         ".SH EXIT STATUS",
-        "0 on success, 64 (EX_USAGE) for bad usage, 65 (EX_DATAERR) for bad input data, "
-        "78 (EX_CONFIG) for a bad config, 70 (EX_SOFTWARE) when the milter cannot serve. "
-        "systemd does not restart a service that exited with 78.",
+        "0 on success; 2 for a command line that cannot be parsed; 64 (EX_USAGE) for "
+        "arguments that do not fit together; 65 (EX_DATAERR) for bad input data; "
+        "69 (EX_UNAVAILABLE) when the spool or the metrics address cannot be used; "
+        "70 (EX_SOFTWARE) when the milter cannot serve; 78 (EX_CONFIG) for a bad config, "
+        "which the packaged units do not restart (RestartPreventExitStatus=78).",
         ".SH SEE ALSO",
         "\\fBmxrules.yaml\\fR(5), \\fBpostconf\\fR(5), \\fBsystemctl\\fR(1)",
     ]
@@ -203,7 +206,7 @@ def _children(sub: dict[str, Any], root: dict[str, Any], path: str,
             yield from walk(alt, root, path)
 
 
-def _type_of(schema: dict[str, Any]) -> str:
+def _type_of(schema: dict[str, Any], root: dict[str, Any]) -> str:
     if "enum" in schema:
         return "one of " + ", ".join(json.dumps(v) for v in schema["enum"])
     kind = schema.get("type")
@@ -211,7 +214,7 @@ def _type_of(schema: dict[str, Any]) -> str:
         kind = " or ".join(kind)
     if kind == "array":
         items = schema.get("items", {})
-        inner = items.get("type") or ("object" if "$ref" in items else "value")
+        inner = _resolve(items, root).get("type") or "value"
         kind = f"list of {inner}"
     limits = []
     for word, label in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="),
@@ -224,9 +227,7 @@ def _type_of(schema: dict[str, Any]) -> str:
 
 
 def schema_document() -> dict[str, Any]:
-    text = resources.files("mxrules").joinpath("mxrules.schema.json").read_text("utf-8")
-    doc: dict[str, Any] = json.loads(text)
-    return doc
+    return config_mod.schema()
 
 
 def render_mxrules_yaml_5() -> str:
@@ -255,7 +256,7 @@ def render_mxrules_yaml_5() -> str:
     for key in walk(root, root):
         schema = key.schema
         desc = schema.get("description", "")
-        facts = [_type_of(schema)]
+        facts = [_type_of(schema, root)]
         if key.required:
             facts.append("required")
         if "default" in schema:

@@ -369,7 +369,10 @@ def check_address(text: str) -> None:
     if parts is not None:
         assert parts[0] and parts[1] == parts[1].lower()
     domain = parts[1] if parts else text
-    assert isinstance(domain in ManagedDomains(["example.com", ".example.com"]), bool)
+    # Managed: example.com and every name below it, case and a root dot aside.
+    plain = domain.lower().rstrip(".")
+    assert (domain in ManagedDomains(["example.com", ".example.com"])) == (
+        plain == "example.com" or plain.endswith(".example.com"))
     ADDRESS_ENGINE.index.match(text)
     decision = ADDRESS_ENGINE.rcpt(text, tls=False)
     assert decision.outcome in ("unmanaged", "accepted", "no-rule", "tls-required")

@@ -54,7 +54,7 @@ class MxrulesProcess:
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:
             return
-        # libmilter takes SIGTERM as "stop now", SIGHUP as "stop gracefully".
+        # libmilter stops on SIGTERM (as on SIGHUP) within its listener's ~5 s poll.
         self.proc.send_signal(signal.SIGTERM)
         try:
             self.proc.wait(10)

@@ -227,3 +227,10 @@ def test_no_command_is_a_usage_error(capsys) -> None:
         cli.main([])
     assert info.value.code == 2
     assert "COMMAND" in capsys.readouterr().err
+
+
+def test_config_option_is_accepted_after_every_command(capsys) -> None:
+    from pathlib import Path
+    export = Path(__file__).resolve().parents[2] / "conf" / "ses-export" / "rule-set.json"
+    assert cli.main(["import-ses", "--config", "/nonexistent.yaml", str(export)]) == 0
+    assert "rule_sets:" in capsys.readouterr().out
