@@ -130,6 +130,8 @@ class Runner:
                     assert action.topic_arn
                     note = sns.notify(ctx, action.topic_arn)
                     self.metrics.notifications.labels(action.TYPE).inc()
+                    if p.attempts and self.recovered:
+                        self.recovered("SNS")
                     log.info("action notified %s", kv(
                         message_id=job.message_id, queue_id=job.queue_id, rule=matched.rule.name,
                         action=p.action + 1, type=action.TYPE, detail=note,

@@ -80,11 +80,15 @@ TRANSIENT = frozenset({"connection", "timeout", "throttled", "server-error"})
 def _waits_on(last_error: str) -> str:
     """The action type a deferred job waits on, if its failure was transient.
 
-    last_error is "TYPE STEP: REASON: detail" (see Runner._failed).
+    last_error is "TYPE STEP: REASON: detail" (see Runner._failed); a failed
+    topic_arn notification ("S3 notification: ...") waits on SNS, not on its action.
     """
     head, _, rest = last_error.partition(": ")
     reason = rest.partition(": ")[0]
-    return head.split(" ", 1)[0] if reason in TRANSIENT else ""
+    kind, _, step = head.partition(" ")
+    if reason not in TRANSIENT:
+        return ""
+    return "SNS" if step == "notification" else kind
 
 
 class Worker:
@@ -209,7 +213,8 @@ class Worker:
             if old != new:
                 log.warning("config reload: %s changed (%s -> %s); it takes effect at the "
                             "next restart", what, old, new)
-        setup_logging(cfg.log_level)
+        # The level only: the handler stays, other threads are logging through it.
+        logging.getLogger().setLevel(getattr(logging, cfg.log_level.upper(), logging.INFO))
         w = cfg.worker
         with self._lock:
             self.cfg = cfg

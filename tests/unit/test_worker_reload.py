@@ -68,6 +68,8 @@ def test_settings_that_need_a_restart_are_named(tmp_path: Path,
     ("S3 action: connection: Could not connect to the endpoint URL", "S3"),
     ("Lambda action: timeout: Read timeout on endpoint URL", "Lambda"),
     ("SNS notification: throttled: Rate exceeded", "SNS"),
+    ("S3 notification: connection: Could not connect", "SNS"),  # its topic_arn publish
+    ("Lambda notification: access-denied: ...", ""),
     ("S3 action: server-error: An error occurred (InternalError)", "S3"),
     ("S3 action: not-found: NoSuchBucket", ""),  # the job's own problem: its backoff stands
     ("Bounce action: access-denied: ...", ""),
