@@ -95,6 +95,7 @@ only. That sample is the only hint; mxrules judges every signature, as above.
 from __future__ import annotations
 
 import contextvars
+import functools
 import ipaddress
 import logging
 import os
@@ -542,6 +543,28 @@ class DnsTempError(Exception):
     """A lookup that may work later: timeout, SERVFAIL/REFUSED, out of time."""
 
 
+@functools.lru_cache(maxsize=8)
+def _resolver_for(settings: DnsSettings) -> dns.resolver.Resolver:
+    """One resolver per DNS settings, shared by every check (queries do not change it).
+
+    Built once, not per message: with no name servers configured that means
+    reading /etc/resolv.conf once per process (a config reload with other
+    settings builds a new one).
+    """
+    if settings.nameservers:
+        servers = [parse_nameserver(s) for s in settings.nameservers]
+        resolver = dns.resolver.Resolver(configure=False)
+        resolver.nameservers = [address for address, _ in servers]
+        resolver.nameserver_ports = dict(servers)
+    else:
+        resolver = dns.resolver.Resolver()
+    # Each attempt gets a share of the lookup's time, so a dead server leaves
+    # time to ask the next one (or the same one again, once).
+    resolver.timeout = settings.timeout / (len(resolver.nameservers) + 1)
+    resolver.lifetime = settings.timeout
+    return resolver
+
+
 class _Dns:
     """dnspython with the configured servers; every query bounded by the check's deadline."""
 
@@ -552,18 +575,7 @@ class _Dns:
 
     def _get_resolver(self) -> dns.resolver.Resolver:
         if self._resolver is None:
-            if self.settings.nameservers:
-                servers = [parse_nameserver(s) for s in self.settings.nameservers]
-                resolver = dns.resolver.Resolver(configure=False)
-                resolver.nameservers = [address for address, _ in servers]
-                resolver.nameserver_ports = dict(servers)
-            else:
-                resolver = dns.resolver.Resolver()
-            # Each attempt gets a share of the lookup's time, so a dead server leaves
-            # time to ask the next one (or the same one again, once).
-            resolver.timeout = self.settings.timeout / (len(resolver.nameservers) + 1)
-            resolver.lifetime = self.settings.timeout
-            self._resolver = resolver
+            self._resolver = _resolver_for(self.settings)
         return self._resolver
 
     def resolve(self, name: str, rdtype: str) -> list[Any]:
