@@ -46,9 +46,9 @@ Decided here where SES says nothing:
 - IPv6 client addresses are written `[IPv6:…]`, as RFC 5321 and Postfix do.
 - `X-SES-RECEIPT` and `X-SES-DKIM-SIGNATURE` (SES signing its own receipt) are
   not produced: mxrules has no SES key to sign with.
-- `Received-SPF` and `Authentication-Results` come from the scanners, which are
-  a later capability: they are passed in through `auth_headers` (already
-  formatted, in order) and sit after the verdict headers, as in SES.
+- `Received-SPF` and `Authentication-Results` come from the scans, recorded in
+  the job (`Job.auth_headers`, formatted, in order), and sit after the verdict
+  headers, as in SES.
 - Size limits (SNS content ≤ 150 KB, S3 ≤ 40 MB, SNS/Lambda payload sizes) are
   the actions' to enforce: nothing here cuts `commonHeaders` or `destination`.
 """
@@ -169,12 +169,12 @@ def _text(value: bytes) -> str:
 # -- what SES prepends ---------------------------------------------------------
 
 
-def ses_prepended_headers(job: Job, *, auth_headers: Sequence[Header] = ()) -> list[Header]:
+def ses_prepended_headers(job: Job) -> list[Header]:
     """SES's own headers on the stored copy, unfolded, in SES's order (SPEC §8)."""
-    return [(name, value) for name, value, _wire in _ses_fields(job, auth_headers)]
+    return [(name, value) for name, value, _wire in _ses_fields(job)]
 
 
-def _ses_fields(job: Job, auth_headers: Sequence[Header]) -> list[tuple[str, str, str]]:
+def _ses_fields(job: Job) -> list[tuple[str, str, str]]:
     """(name, unfolded value, value as written in the stored copy)."""
     received = [_one_line(part) for part in _received_parts(job)]
     path = _one_line(f"<{job.mail_from}>")
@@ -187,7 +187,7 @@ def _ses_fields(job: Job, auth_headers: Sequence[Header]) -> list[tuple[str, str
         if status != "DISABLED":
             fields.append((name, status, status))
     # The scanners' Received-SPF and Authentication-Results travel with the job.
-    extra = auth_headers or job.auth_headers
+    extra = job.auth_headers
     fields.extend((name, _one_line(value), _one_line(value)) for name, value in extra)
     return fields
 
@@ -217,10 +217,9 @@ def _rfc5322_date(ses_time: str) -> str:
     return format_datetime(datetime.fromisoformat(ses_time).astimezone(UTC))
 
 
-def stored_copy_prefix(job: Job, added_headers: Iterable[Header] = (), *,
-                       auth_headers: Sequence[Header] = ()) -> bytes:
+def stored_copy_prefix(job: Job, added_headers: Iterable[Header] = ()) -> bytes:
     """The bytes before the raw message in every stored copy (S3 object, SNS content)."""
-    fields = [(name, wire) for name, _value, wire in _ses_fields(job, auth_headers)]
+    fields = [(name, wire) for name, _value, wire in _ses_fields(job)]
     fields.extend((name, _one_line(value)) for name, value in added_headers)
     return "".join(f"{name}: {value}\r\n" for name, value in fields).encode("utf-8")
 
@@ -231,11 +230,10 @@ def _one_line(value: str) -> str:
 
 
 def stored_copy_headers(job: Job, message_path: str, added_headers: Iterable[Header] = (), *,
-                        auth_headers: Sequence[Header] = (),
                         limit: int = HEADER_BLOCK_LIMIT) -> tuple[list[Header], bool]:
     """The stored copy's headers for `mail_object`, and whether reading them was capped."""
     block, capped = _read_header_block(message_path, limit)
-    headers = ses_prepended_headers(job, auth_headers=auth_headers)
+    headers = ses_prepended_headers(job)
     headers.extend((name, _one_line(value)) for name, value in added_headers)
     headers.extend(parse_headers(block))
     return headers, capped
@@ -248,10 +246,10 @@ class StoredCopy(io.RawIOBase):
     costs no more memory than a small one; seek/tell let botocore rewind on retry.
     """
 
-    def __init__(self, job: Job, message_path: str, added_headers: Iterable[Header] = (), *,
-                 auth_headers: Sequence[Header] = ()) -> None:
+    def __init__(self, job: Job, message_path: str,
+                 added_headers: Iterable[Header] = ()) -> None:
         super().__init__()
-        self.prefix = stored_copy_prefix(job, added_headers, auth_headers=auth_headers)
+        self.prefix = stored_copy_prefix(job, added_headers)
         self.message_path = message_path
         self.size = len(self.prefix) + os.stat(message_path).st_size
         self._pos = 0

@@ -285,7 +285,7 @@ def test_received_header_client_part(client: Client, expected: str) -> None:
 )
 def test_prepended_headers_order(verdicts: dict[str, str], auth: tuple[tuple[str, str], ...],
                                  names: list[str]) -> None:
-    headers = ses_prepended_headers(_job(verdicts=verdicts), auth_headers=auth)
+    headers = ses_prepended_headers(_job(verdicts=verdicts, auth_headers=auth))
     assert [name for name, _ in headers] == names
     assert dict(headers).get("X-SES-Spam-Verdict", verdicts.get("spam", "DISABLED")) == \
         verdicts.get("spam", "DISABLED")
