@@ -80,7 +80,12 @@ class Runner:
         while True:
             p = job.progress
             if p.stopped or p.rule >= len(job.rules):
-                claim.finish(job)
+                try:
+                    claim.finish(job)
+                except OSError:
+                    if claim.fd >= 0:  # neither moved nor saved: hold it until saved
+                        self._save(claim, job)
+                    raise
                 self.metrics.jobs.labels("done").inc()
                 latency = self.clock() - message_time(job.message_id)
                 self.metrics.job_seconds.observe(max(0.0, latency))

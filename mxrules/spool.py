@@ -325,7 +325,8 @@ class Spool:
         costs one stat: makedirs would try a mkdir, which takes the parent's
         lock and fails, and look again.
         """
-        for path in (self.root, *(os.path.join(self.root, s) for s in ("tmp", *STATES))):
+        for path in (self.root,
+                     *(os.path.join(self.root, s) for s in ("tmp", *STATES, "done"))):
             if not os.path.isdir(path):
                 os.makedirs(path, mode=0o700, exist_ok=True)
 
@@ -519,18 +520,21 @@ class Claim:
         the files are removed from done/ afterwards, and leftovers there are
         cleaned at the next start.  `job`, the job as it stands (the worker
         does not save the progress of its last action, which this records),
-        is saved if the job cannot leave its state, before the lock goes.
+        is saved if the job cannot leave its state, before the lock goes; if
+        that save fails too, the job stays held (the OSError says why) for the
+        caller to save it, lest the next claim run the last action again.
         """
+        done = os.path.join(self.spool.root, "done")
+        target = os.path.join(done, self.job_id)
         try:
-            done = os.path.join(self.spool.root, "done")
-            target = os.path.join(done, self.job_id)
-            try:
-                os.makedirs(done, mode=0o700, exist_ok=True)
-                os.rename(self.spool.path(self.state, self.job_id), target)
-            except OSError:
-                if job is not None:
-                    self.save(job)
-                raise
+            os.makedirs(done, mode=0o700, exist_ok=True)
+            os.rename(self.spool.path(self.state, self.job_id), target)
+        except OSError:
+            if job is not None:
+                self.save(job)  # raises with the job still held
+            self.release()
+            raise
+        try:
             _fsync_dir(os.path.join(self.spool.root, self.state))
             _remove_job_dir(target)
         finally:

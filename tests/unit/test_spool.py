@@ -257,7 +257,7 @@ def test_ensure_recreates_removed_directories(tmp_path) -> None:
     spool.ensure()
     os.rmdir(os.path.join(spool.root, "incoming"))
     spool.new_job(new_message_id()).abort()
-    assert sorted(os.listdir(spool.root)) == sorted(["tmp", *STATES])
+    assert sorted(os.listdir(spool.root)) == sorted(["tmp", *STATES, "done"])
 
 
 # -- reading -----------------------------------------------------------------------
@@ -371,3 +371,42 @@ def test_with_progress_changes_only_progress() -> None:
     assert later.progress == Progress(action=1, done=("AddHeader ok",))
     assert job.progress == Progress()
     assert later.message_id == job.message_id
+
+
+def test_a_finish_that_can_neither_move_nor_save_keeps_the_job_held(tmp_path,
+                                                                      monkeypatch) -> None:
+    """A full disk at the end: the caller still holds the job, so it can hold on
+    until the progress is saved, instead of the next claim repeating the last action."""
+    spool = Spool(str(tmp_path / "spool"))
+    message_id = new_message_id()
+    writer = spool.new_job(message_id)
+    writer.write(b"Subject: x\r\n\r\nbody\r\n")
+    writer.commit(_job(message_id, b"Subject: x\r\n\r\nbody\r\n"))
+    claim = spool.claim("incoming", message_id)
+    assert claim is not None
+    real_rename = os.rename
+
+    def full(src, dst):
+        raise OSError(28, "No space left on device")
+
+    def no_room_in_done(src, dst):
+        if os.path.basename(os.path.dirname(dst)) == "done":
+            raise OSError(28, "No space left on device")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", full)
+    with pytest.raises(OSError):
+        claim.finish(claim.job)  # the move fails, and the save's own rename too
+    assert claim.fd >= 0  # still ours
+    monkeypatch.setattr(os, "rename", real_rename)
+    claim.save(claim.job)
+    claim.release()
+    assert spool.ids("active") == [message_id]
+
+    # When only the move fails, the progress is saved and the lock let go.
+    claim = spool.claim("active", message_id)
+    assert claim is not None
+    monkeypatch.setattr(os, "rename", no_room_in_done)
+    with pytest.raises(OSError):
+        claim.finish(claim.job)
+    assert claim.fd < 0
