@@ -89,8 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     ex.add_argument("--helo", default="", help="the HELO/EHLO name")
     ex.add_argument("--from", dest="sender", required=True, metavar="ADDR",
                     help="envelope sender ('' for the null sender)")
-    ex.add_argument("--rcpt", nargs="+", required=True, metavar="ADDR",
-                    help="envelope recipients")
+    # extend, not store: `--rcpt a --rcpt b` and `--rcpt a b` both mean two recipients.
+    ex.add_argument("--rcpt", nargs="+", action="extend", required=True, metavar="ADDR",
+                    help="envelope recipients (repeat the flag, or give several)")
     ex.add_argument("--tls", action="store_true", help="the session uses STARTTLS")
     ex.add_argument("--size", type=int, help="the SIZE= the client announces")
     ex.add_argument("--json", action="store_true", help="print JSON for scripts")

@@ -144,6 +144,23 @@ def test_explain_json_with_tls(capsys, config: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "rcpt_args",
+    [
+        pytest.param(["--rcpt", "info@example.com", "--rcpt", "<vault@example.com>"], id="repeated"),
+        pytest.param(["--rcpt", "info@example.com", "<vault@example.com>"], id="several-values"),
+        pytest.param(["--rcpt", "info@example.com", "--rcpt", "<vault@example.com>", "x@example.com"],
+                     id="both"),
+    ],
+)
+def test_explain_keeps_every_recipient(capsys, config: str, rcpt_args: list[str]) -> None:
+    code, out, _ = _run(capsys, "explain", "-c", config, "--client-ip", "192.0.2.1",
+                        "--from", "a@b.test", *rcpt_args, "--json")
+    assert code == 0
+    wanted = [a for a in rcpt_args if a != "--rcpt"]
+    assert [r["recipient"] for r in json.loads(out)["recipients"]] == wanted
+
+
+@pytest.mark.parametrize(
     ("client", "result", "decided_by", "reply"),
     [
         pytest.param("198.51.100.9", "reject", "block-filter",
