@@ -1,4 +1,4 @@
-"""S3: PutObject of the stored copy at object_key_prefix + messageId.
+"""S3: PutObject of the stored copy at `object_key_prefix/messageId` (the prefix is a folder).
 
 The body streams from the spool (SES's prepended headers, the AddHeaders run
 so far, then the raw message), so a 40 MB message costs no more memory than a

@@ -13,6 +13,7 @@ from typing import Any
 
 from .decision import CONTINUE, ConnectDecision, Engine, RcptDecision, RulePlan, in_stream_headers
 from .ipfilter import FilterDecision, parse_ip
+from .payload import s3_key
 from .rules import (
     Action,
     AddHeaderAction,
@@ -38,7 +39,7 @@ def describe_action(action: Action) -> str:
     if isinstance(action, AddHeaderAction):
         text = f"AddHeader {action.header_name}: {action.header_value}"
     elif isinstance(action, S3Action):
-        text = f"S3 put s3://{action.bucket_name}/{action.object_key_prefix or ''}<messageId>"
+        text = f"S3 put s3://{action.bucket_name}/{s3_key(action.object_key_prefix, '<messageId>')}"
         if action.kms_key_arn:
             text += f" (SSE-KMS {action.kms_key_arn})"
     elif isinstance(action, SNSAction):

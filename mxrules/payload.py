@@ -14,8 +14,10 @@ captured from SES by its users):
 - Key order: notification `notificationType, mail, receipt, content`;
   receipt `timestamp, processingTimeMillis, recipients, spam/virus/spf/dkim/
   dmarcVerdict, dmarcPolicy, action`; `topicArn` right after an action's `type`,
-  present only when set.  S3 actions also carry `objectKeyPrefix` when the rule
-  has one (SES sends it; the guide's older example predates it).
+  present only when set.  S3 actions always carry `objectKeyPrefix`, as
+  configured and `""` when there is none (SES sends it so; the guide's older
+  example predates it), then `objectKey`: the prefix is a folder
+  (`prefix/messageId`, a `/` added when the prefix has none).
 - SNS `encoding` reads `UTF8` or `BASE64` (not the API's `UTF-8`/`Base64`).
   `content` is the stored copy: Base64 without line breaks, or the bytes decoded
   as UTF-8 with U+FFFD for what is not UTF-8 (SES warns that UTF-8 "may not
@@ -453,8 +455,8 @@ def action_object(job: Job, action: Action) -> dict[str, Any]:
         out["topicArn"] = action.topic_arn
     if isinstance(action, S3Action):
         out["bucketName"] = action.bucket_name
-        if action.object_key_prefix:
-            out["objectKeyPrefix"] = action.object_key_prefix
+        # Always present, as configured ("" when none): SES's own output does so.
+        out["objectKeyPrefix"] = action.object_key_prefix or ""
         out["objectKey"] = object_key(job, action)
     elif isinstance(action, SNSAction):
         out["encoding"] = sns_encoding(action.encoding)
@@ -476,8 +478,20 @@ def action_object(job: Job, action: Action) -> dict[str, Any]:
 
 
 def object_key(job: Job, action: S3Action) -> str:
-    """SES's S3 key: the prefix and the messageId, no separator added."""
-    return (action.object_key_prefix or "") + job.message_id
+    """SES's S3 key: the prefix is a folder, so `prefix/messageId`.
+
+    A `/` is added when the prefix does not end with one; with no prefix the key is
+    the messageId alone.  Lambda events carry no objectKey, so handlers build
+    `prefix + "/" + messageId` themselves: the key must be exactly that.
+    """
+    return s3_key(action.object_key_prefix, job.message_id)
+
+
+def s3_key(prefix: str | None, message_id: str) -> str:
+    """`prefix/messageId` (one `/`, added only when the prefix lacks it), or the id alone."""
+    if not prefix:
+        return message_id
+    return prefix + message_id if prefix.endswith("/") else f"{prefix}/{message_id}"
 
 
 def sns_encoding(encoding: str) -> str:

@@ -218,6 +218,36 @@ def test_request_response_lambda_disposition(make_loop: Any, answer: str, first:
     assert call.invocation_type == "RequestResponse"
 
 
+def test_s3_prefix_is_a_folder_as_handlers_rebuild_it(make_loop: Any) -> None:
+    """A handler that reads `objectKeyPrefix` and the messageId finds the object at
+    `prefix + "/" + messageId`; with no prefix the key is the messageId alone."""
+    def rules(res: dict[str, str]) -> list[dict[str, Any]]:
+        return [{"name": "store", "enabled": True, "recipients": ["user@example.com"],
+                 "actions": [{"s3": {"bucket_name": res["bucket"], "topic_arn": res["topic"],
+                                     "object_key_prefix": "email/produccion/inbox"}},
+                             {"s3": {"bucket_name": res["bucket"], "topic_arn": res["topic"]}}]}]
+    loop: Loop = make_loop(rules)
+    loop.send(["user@example.com"])
+    loop.wait_idle()
+    notes = [json.loads(e["Message"]) for e in loop.moto.sns_messages(loop.queue, 2)]
+    [message_id] = {n["mail"]["messageId"] for n in notes}
+    actions = sorted((n["receipt"]["action"] for n in notes), key=lambda a: a["objectKeyPrefix"])
+    assert actions == [
+        {"type": "S3", "topicArn": loop.topic, "bucketName": loop.bucket,
+         "objectKeyPrefix": "", "objectKey": message_id},
+        {"type": "S3", "topicArn": loop.topic, "bucketName": loop.bucket,
+         "objectKeyPrefix": "email/produccion/inbox",
+         "objectKey": f"email/produccion/inbox/{message_id}"},
+    ]
+    for action in actions:
+        prefix = action["objectKeyPrefix"]
+        rebuilt = f"{prefix}/{message_id}" if prefix else message_id
+        body, _ = loop.moto.s3_object(loop.bucket, rebuilt)
+        assert body.endswith(b"Hello.\r\n")
+    assert sorted(loop.moto.s3_keys(loop.bucket, "")) == sorted(
+        [message_id, f"email/produccion/inbox/{message_id}"])
+
+
 def test_stop_action_ends_the_rule_set(make_loop: Any) -> None:
     def rules(res: dict[str, str]) -> list[dict[str, Any]]:
         return [

@@ -146,10 +146,11 @@ def test_explain_json_with_tls(capsys, config: str) -> None:
 @pytest.mark.parametrize(
     "rcpt_args",
     [
-        pytest.param(["--rcpt", "info@example.com", "--rcpt", "<vault@example.com>"], id="repeated"),
+        pytest.param(["--rcpt", "info@example.com", "--rcpt", "<vault@example.com>"],
+                     id="repeated"),
         pytest.param(["--rcpt", "info@example.com", "<vault@example.com>"], id="several-values"),
-        pytest.param(["--rcpt", "info@example.com", "--rcpt", "<vault@example.com>", "x@example.com"],
-                     id="both"),
+        pytest.param(["--rcpt", "info@example.com", "--rcpt", "<vault@example.com>",
+                      "x@example.com"], id="both"),
     ],
 )
 def test_explain_keeps_every_recipient(capsys, config: str, rcpt_args: list[str]) -> None:

@@ -30,6 +30,7 @@ from mxrules.payload import (
     mail_object,
     notification,
     notification_json,
+    object_key,
     parse_headers,
     read_header_block,
     receipt_object,
@@ -175,7 +176,8 @@ def test_sns_base64_notification_has_the_documented_shape_and_key_order(
 )
 def test_2015_examples_match_but_for_fields_ses_added_since(
         tmp_path: Path, golden_file: str, action: Action) -> None:
-    """The 2015 examples predate dmarcVerdict and the SNS `encoding` field."""
+    """The 2015 examples predate dmarcVerdict, the SNS `encoding` field and the S3
+    action's `objectKeyPrefix` (present, `""` when empty, in SES's output since)."""
     matched = MatchedRule(_rule(action), ("info@example.com",))
     job = _job(rules=(matched,))
     content = StoredCopy(job, _message(tmp_path)).read_all() if action.TYPE == "SNS" else None
@@ -184,7 +186,28 @@ def test_2015_examples_match_but_for_fields_ses_added_since(
     golden["receipt"]["dmarcVerdict"] = {"status": "GRAY"}
     if action.TYPE == "SNS":
         golden["receipt"]["action"]["encoding"] = "UTF8"
+    if action.TYPE == "S3":
+        golden["receipt"]["action"]["objectKeyPrefix"] = ""
     assert _unordered(_shape(ours)) == _unordered(_shape(golden))
+
+
+@pytest.mark.parametrize(
+    ("prefix", "key"),
+    [
+        pytest.param(None, "ID", id="none"),
+        pytest.param("", "ID", id="empty"),
+        pytest.param("inbox", "inbox/ID", id="folder-without-slash"),
+        pytest.param("inbox/", "inbox/ID", id="folder-with-slash"),
+        pytest.param("email/produccion/inbox", "email/produccion/inbox/ID", id="nested"),
+    ],
+)
+def test_s3_prefix_is_a_folder(prefix: str | None, key: str) -> None:
+    action = S3Action(bucket_name="b", object_key_prefix=prefix)
+    job = _job(rules=(MatchedRule(_rule(action), ("info@example.com",)),))
+    want = key.replace("ID", job.message_id)
+    assert object_key(job, action) == want
+    assert action_object(job, action) == {
+        "type": "S3", "bucketName": "b", "objectKeyPrefix": prefix or "", "objectKey": want}
 
 
 @pytest.mark.parametrize(
@@ -665,7 +688,8 @@ def test_verdicts(verdicts: dict[str, str], statuses: list[str], policy: str | N
     ("action", "expected"),
     [
         pytest.param(S3Action(bucket_name="bucket"),
-                     {"type": "S3", "bucketName": "bucket", "objectKey": MESSAGE_ID},
+                     {"type": "S3", "bucketName": "bucket", "objectKeyPrefix": "",
+                      "objectKey": MESSAGE_ID},
                      id="s3-no-prefix"),
         pytest.param(S3Action(bucket_name="bucket", object_key_prefix="in/", topic_arn=TOPIC,
                               kms_key_arn="arn:aws:kms:us-east-1:1:key/k"),
@@ -674,7 +698,7 @@ def test_verdicts(verdicts: dict[str, str], statuses: list[str], policy: str | N
                      id="s3-prefix-and-topic"),
         pytest.param(S3Action(bucket_name="bucket", object_key_prefix="mail"),
                      {"type": "S3", "bucketName": "bucket", "objectKeyPrefix": "mail",
-                      "objectKey": "mail" + MESSAGE_ID}, id="s3-no-separator-added"),
+                      "objectKey": "mail/" + MESSAGE_ID}, id="s3-prefix-is-a-folder"),
         pytest.param(SNSAction(topic_arn=TOPIC),
                      {"type": "SNS", "topicArn": TOPIC, "encoding": "UTF8"}, id="sns-utf8"),
         pytest.param(SNSAction(topic_arn=TOPIC, encoding="Base64"),
