@@ -34,6 +34,8 @@ class ActionContext:
     added_headers: tuple[tuple[str, str], ...]
     clients: Any  # per-thread AWS clients (actions.aws.Clients)
     settings: Any  # the worker's settings (actions.runner.WorkerSettings)
+    # The worker's DSN counts (actions.bounce_limit.BounceLimiter), shared by its threads.
+    bounce_limiter: Any = None
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class Outcome:
     disposition: Disposition = "CONTINUE"
     detail: str = ""  # one line for logs and `mxrules spool show`
     header: tuple[str, str] | None = None  # an AddHeader's header, for later stored copies
+    suppressed: str = ""  # a Bounce that sent no DSN: why (metrics.BOUNCE_SUPPRESSIONS)
 
 
 def processing_ms(job: Job, now: float | None = None) -> int:

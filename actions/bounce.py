@@ -5,7 +5,11 @@ cannot change any more, exactly as in SES): a `multipart/report;
 report-type=delivery-status` from the action's `sender` to the job's envelope
 sender, with three parts -- the action's `message` for people, a
 `message/delivery-status` with one block per matched recipient, and the
-original message's header block as `text/rfc822-headers`.
+original message's header block as `text/rfc822-headers` -- of at most
+MAX_DSN bytes.  It is sent only to an authenticated sender and within rate
+limits (actions.bounce_limit): anything else would mail whoever a forger
+names.  Where the milter can, it refuses the recipient at RCPT instead and
+no DSN is needed (mxrules.decision.rcpt_bounce).
 
 The DSN is sent with an empty envelope sender (`MAIL FROM:<>`) so that a DSN
 that itself fails is dropped instead of bouncing back and forth, and a message
@@ -20,11 +24,15 @@ SETTINGS (read from `ctx.settings`, provided by the worker)
                          missing port means 25.
     smtp_timeout: float  seconds allowed for the connect and for each SMTP
                          command (smtplib's socket timeout; see DEFAULT_TIMEOUT).
+    bounce_require_authenticated, bounce_rate_per_sender, bounce_rate_per_client,
+    bounce_rate_period   when a DSN may be sent at all (actions.bounce_limit).
 
 DIAGNOSTICS
 
-    Returns Outcome(CONTINUE): bounced, or skipped because the envelope sender
-    is empty (the detail says which).
+    Returns Outcome(CONTINUE): bounced, skipped because the envelope sender
+    is empty, or suppressed (`Outcome.suppressed` names the reason: the
+    sender is not authenticated, or a rate limit is reached); the detail
+    says which.
     PermanentActionError: the relay answered 5xx to MAIL, RCPT or DATA; the
     envelope sender cannot be written in an SMTP command (control
     characters); a non-ASCII address and a relay without SMTPUTF8.  No retry
@@ -54,13 +62,14 @@ from collections.abc import Iterable
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from secrets import token_hex
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from mxrules.errors import MxrulesError
 from mxrules.rules import BounceAction
 from mxrules.spool import Job
 
 from .base import ActionContext, Outcome, PermanentActionError
+from .bounce_limit import authenticated_by
 
 DEFAULT_RELAY = "127.0.0.1:25"
 DEFAULT_TIMEOUT = 30.0
@@ -69,6 +78,15 @@ DEFAULT_TIMEOUT = 30.0
 # already cut by Postfix, so more would only make the DSN heavier.
 HEADER_LIMIT = 100 * 1024
 _READ_CHUNK = 8192
+
+# A DSN is never larger than this.  The recipients listed (in the human part
+# and the report) and the attached headers each have a budget; the rest (the
+# action's message, at most MESSAGE_LIMIT characters, and the MIME frame) fits
+# in what is left even when every character of it has to be escaped.
+MAX_DSN = 64 * 1024
+RECIPIENTS_BUDGET = 24 * 1024
+HEADERS_BUDGET = 16 * 1024
+MESSAGE_LIMIT = 2048  # the schema's limit for a Bounce message
 
 SUBJECT = "Delivery Status Notification (Failure)"
 CRLF = "\r\n"
@@ -111,22 +129,44 @@ def build_dsn(
     read_header_block; `now` sets Date (default: the current time; naive
     means UTC).
 
+    At most MAX_DSN bytes, whatever the input: the recipients are listed
+    while they fit in RECIPIENTS_BUDGET (always at least one) and whole
+    header fields are attached while they fit in HEADERS_BUDGET; the human
+    part says when either was cut.  (900 recipients and 40 KB of headers
+    would otherwise make a DSN of over 200 KB, most of it the client's text.)
+
     Pure: no I/O, so every hostile case can be tested without a socket.  The
     result is 7-bit unless `action.sender` or `job.mail_from` is non-ASCII, in
     which case the From/To lines carry UTF-8 (RFC 6532) and send_dsn asks the
     relay for SMTPUTF8.
     """
-    host = _hostname(job.hostname)
     rcpts = list(dict.fromkeys(recipients))
-    status = status_for(action)
-    reply = action.smtp_reply_code or ""
-    if not _REPLY.fullmatch(reply):  # the schema forbids this; a hand-made job may not
-        reply = "451" if status.startswith("4") else "554"
+    listed = _fitting_recipients(job, action, rcpts)
+    headers, headers_cut = _cut_headers(_crlf(original_headers), HEADERS_BUDGET)
+    dsn = _assemble(job, action, rcpts, listed, headers, headers_cut, now)
+    # The budgets leave room for everything else; should a pathological action
+    # message still push the DSN over, the attached headers go, then recipients.
+    while len(dsn) > MAX_DSN and (headers or listed > 1):
+        if headers:
+            headers, headers_cut = b"", True
+        else:
+            listed = max(1, listed // 2)
+        dsn = _assemble(job, action, rcpts, listed, headers, headers_cut, now)
+    return dsn
 
-    human_cte, human = _encode_text(
-        _human_text(host, rcpts, reply, status, action.message or ""))
-    report = _delivery_status(job, host, rcpts, reply, status, _one_line(action.message or ""))
-    attached_cte, attached = _encode_text(_crlf(original_headers))
+
+def _assemble(job: Job, action: BounceAction, rcpts: list[str], listed: int, headers: bytes,
+              headers_cut: bool, now: datetime | None) -> bytes:
+    """The DSN listing the first `listed` of `rcpts` and attaching `headers`."""
+    host = _hostname(job.hostname)
+    status = status_for(action)
+    reply = _reply_code(action, status)
+    message = (action.message or "")[:MESSAGE_LIMIT]
+    shown = rcpts[:listed]
+    human_cte, human = _encode_text(_human_text(
+        host, shown, len(rcpts) - len(shown), reply, status, message, headers_cut))
+    report = _delivery_status(job, host, shown, reply, status, _one_line(message))
+    attached_cte, attached = _encode_text(headers)
     charset = "us-ascii" if human_cte == "7bit" else "utf-8"
     parts = [
         ([f"Content-Type: text/plain; charset={charset}",
@@ -166,6 +206,51 @@ def build_dsn(
     return b"".join(out)
 
 
+def _reply_code(action: BounceAction, status: str) -> str:
+    reply = action.smtp_reply_code or ""
+    if not _REPLY.fullmatch(reply):  # the schema forbids this; a hand-made job may not
+        reply = "451" if status.startswith("4") else "554"
+    return reply
+
+
+def _fitting_recipients(job: Job, action: BounceAction, rcpts: list[str]) -> int:
+    """How many of `rcpts` fit in RECIPIENTS_BUDGET, counting both places each is listed.
+
+    A line's cost is its quoted-printable size, which is never less than its
+    7bit size, so the count holds whichever encoding the human part gets.
+    """
+    status = status_for(action)
+    reply = _reply_code(action, status)
+    diagnostic = _one_line((action.message or "")[:MESSAGE_LIMIT])
+    used = 0
+    for n, rcpt in enumerate(rcpts):
+        line = len(_qp_line(f"    {_printable(rcpt)}".encode()))
+        block = len(_recipient_block(rcpt, reply, status, diagnostic)) + 4
+        used += line + block
+        if n and used > RECIPIENTS_BUDGET:
+            return n
+    return len(rcpts)
+
+
+def _cut_headers(block: bytes, budget: int) -> tuple[bytes, bool]:
+    """The leading whole header fields of `block` that fit in `budget` bytes, encoded.
+
+    Each line is counted at its quoted-printable size (never less than as
+    7bit).  A field is kept whole or not at all, so no half field (a folded
+    line without its start) is attached.  The second value: something was cut.
+    """
+    lines = block.split(b"\r\n")[:-1] if block else []
+    used = 0
+    field_start = 0
+    for i, line in enumerate(lines):
+        if line[:1] not in (b" ", b"\t"):
+            field_start = i
+        used += len(_qp_line(line))
+        if used > budget:
+            return b"".join(kept + b"\r\n" for kept in lines[:field_start]), True
+    return block, False
+
+
 def status_for(action: BounceAction) -> str:
     """The enhanced status code: the action's, or one derived from its reply code.
 
@@ -178,16 +263,23 @@ def status_for(action: BounceAction) -> str:
     return "4.0.0" if (action.smtp_reply_code or "").startswith("4") else "5.0.0"
 
 
-def _human_text(host: str, rcpts: list[str], reply: str, status: str, message: str) -> bytes:
+def _human_text(host: str, rcpts: list[str], omitted: int, reply: str, status: str,
+                message: str, headers_cut: bool) -> bytes:
     text = _printable(" ".join(message.split()))
     lines = [textwrap.fill(text, 72, break_long_words=False, break_on_hyphens=False), ""]
-    which = "recipient" if len(rcpts) == 1 else "recipients"
+    which = "recipient" if len(rcpts) + omitted == 1 else "recipients"
     lines.append(f"Your message could not be delivered to the following {which}:")
     lines.append("")
     lines.extend(f"    {_printable(r)}" for r in rcpts)
+    if omitted:
+        lines.append(f"    ... and {omitted} more: the list was cut to keep this report small")
     lines.append("")
     lines.append(f"Reported by {host} ({reply} {status}). The delivery report and the")
-    lines.append("headers of your message are attached.")
+    if headers_cut:
+        lines.append("headers of your message are attached; the headers were cut to keep")
+        lines.append("this report small.")
+    else:
+        lines.append("headers of your message are attached.")
     return ("\r\n".join(lines).lstrip("\r\n") + "\r\n").encode("utf-8")
 
 
@@ -199,15 +291,18 @@ def _delivery_status(job: Job, host: str, rcpts: list[str], reply: str, status: 
     if arrival:
         fields.append(f"Arrival-Date: {arrival}")
     blocks = [CRLF.join(fields)]
-    diagnostic = " ".join(p for p in (reply, status, message) if p)
-    for rcpt in rcpts:
-        blocks.append(CRLF.join([
-            f"Final-Recipient: {_report_address(rcpt)}",
-            "Action: failed",
-            f"Status: {status}",
-            _fold("Diagnostic-Code", f"smtp; {diagnostic}"),
-        ]))
+    blocks.extend(_recipient_block(rcpt, reply, status, message) for rcpt in rcpts)
     return (CRLF + CRLF).join(blocks).encode("ascii") + b"\r\n"
+
+
+def _recipient_block(rcpt: str, reply: str, status: str, message: str) -> str:
+    diagnostic = " ".join(p for p in (reply, status, message) if p)
+    return CRLF.join([
+        f"Final-Recipient: {_report_address(rcpt)}",
+        "Action: failed",
+        f"Status: {status}",
+        _fold("Diagnostic-Code", f"smtp; {diagnostic}"),
+    ])
 
 
 def _arrival_date(received_at: str) -> str:
@@ -485,10 +580,18 @@ def _reply_text(reply: bytes | str) -> str:
 
 
 def run(ctx: ActionContext) -> Outcome:
-    """Bounce the job's matched recipients to its envelope sender."""
+    """Bounce the job's matched recipients to its envelope sender, unless suppressed.
+
+    A bounce to an unauthenticated sender, or over a rate limit, sends
+    nothing: the Outcome says why (`suppressed`), and the runner logs and
+    counts it.  See actions.bounce_limit.
+    """
     action = ctx.action
     if not isinstance(action, BounceAction):
         raise TypeError(f"bounce.run got a {type(action).__name__}")
+    limiter = ctx.bounce_limiter
+    if limiter is None:
+        raise TypeError("bounce.run needs the worker's BounceLimiter")
     job = ctx.job
     sender = job.mail_from.strip()
     if not sender or sender == "<>":
@@ -496,6 +599,24 @@ def run(ctx: ActionContext) -> Outcome:
     recipients = ctx.matched.recipients
     if not recipients:
         return Outcome(detail="not bounced: the rule matched no recipients")
+    settings = ctx.settings
+    if settings.bounce_require_authenticated and not authenticated_by(job):
+        return _suppressed("unauthenticated", sender,
+                           "neither SPF nor aligned DMARC passed for the sender")
+    reason = limiter.acquire(sender, job.client.address, settings)
+    if reason:
+        return _suppressed(reason, sender, f"more than {_limit(reason, settings)} DSNs in "
+                                           f"{settings.bounce_rate_period:g} s")
+    try:
+        return _send(ctx, action, sender, recipients)
+    except BaseException:
+        limiter.release(sender, job.client.address)  # not sent: the retry may count it
+        raise
+
+
+def _send(ctx: ActionContext, action: BounceAction, sender: str,
+          recipients: tuple[str, ...]) -> Outcome:
+    job = ctx.job
     check_envelope_address(sender)
     relay = ctx.settings.bounce_relay
     headers = read_header_block(ctx.message_path)
@@ -505,3 +626,14 @@ def run(ctx: ActionContext) -> Outcome:
     count = len(set(recipients))
     return Outcome(detail=f"bounced {count} recipient{'s' if count != 1 else ''} to "
                           f"<{sender}> ({status_for(action)}) via {relay}")
+
+
+def _suppressed(reason: str, sender: str, why: str) -> Outcome:
+    return Outcome(detail=f"not bounced: suppressed ({reason}: {why}) for <{sender}>",
+                   suppressed=reason)
+
+
+def _limit(reason: str, settings: Any) -> int:
+    if reason == "sender-rate":
+        return int(settings.bounce_rate_per_sender)
+    return int(settings.bounce_rate_per_client)

@@ -14,7 +14,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from mxrules.config import WorkerSettings
 from mxrules.errors import SpoolError
@@ -26,6 +26,7 @@ from mxrules.spool import Claim, Job, message_time, with_progress
 from . import add_header, bounce, lambda_invoke, s3, sns, stop
 from .aws import Clients, classify
 from .base import ActionContext, Outcome, PermanentActionError
+from .bounce_limit import BounceLimiter
 from .retry import RetryPolicy
 
 log = logging.getLogger("mxrules.worker")
@@ -73,6 +74,8 @@ class Runner:
     # Called with the action type when an action succeeds that had failed before:
     # what it failed to reach is back (the worker then retries the jobs waiting on it).
     recovered: Callable[[str], None] | None = None
+    # The worker's DSN counts; one per process, shared by its threads and reloads.
+    bounce_limiter: BounceLimiter = field(default_factory=BounceLimiter)
 
     def run(self, claim: Claim) -> str:
         """Work a job until it is done, deferred or dead; returns which."""
@@ -106,7 +109,7 @@ class Runner:
             ctx = ActionContext(job=job, matched=matched, action=action, rule_index=p.rule,
                                 action_index=p.action, message_path=claim.message_path,
                                 added_headers=p.added_headers, clients=self.clients,
-                                settings=self.settings)
+                                settings=self.settings, bounce_limiter=self.bounce_limiter)
             started = time.monotonic()
             try:
                 if p.phase == "action":
@@ -116,6 +119,8 @@ class Runner:
                         self.recovered(action.TYPE)
                     if action.TYPE == "Lambda":
                         self.metrics.dispositions.labels(outcome.disposition).inc()
+                    if outcome.suppressed:
+                        self._suppressed(job, matched.rule.name, p.action + 1, outcome)
                     added = p.added_headers + ((outcome.header,) if outcome.header else ())
                     done = (*p.done, f"rule {matched.rule.name} action {p.action + 1} "
                                      f"{action.TYPE}: {outcome.detail}")
@@ -150,6 +155,14 @@ class Runner:
             finally:
                 self.metrics.action_seconds.labels(action.TYPE).observe(
                     time.monotonic() - started)
+
+    def _suppressed(self, job: Job, rule: str, action: int, outcome: Outcome) -> None:
+        """A Bounce that sent nothing on purpose: done, not failed, and never silent."""
+        self.metrics.bounces_suppressed.labels(outcome.suppressed).inc()
+        log.info("bounce suppressed %s", kv(
+            message_id=job.message_id, queue_id=job.queue_id, rule=rule, action=action,
+            reason=outcome.suppressed, sender=job.mail_from, client=job.client.address,
+            spf=job.verdicts.get("spf"), dmarc=job.verdicts.get("dmarc")))
 
     def _record(self, claim: Claim, job: Job) -> None:
         """Make the progress after an action durable before anything else is done.

@@ -35,6 +35,7 @@ from mxrules.service import kv, serve_metrics, setup_logging
 from mxrules.spool import STATES, Claim, Spool, message_time
 
 from .aws import Clients
+from .bounce_limit import BounceLimiter
 from .retry import RetryPolicy
 from .runner import Runner
 
@@ -109,6 +110,8 @@ class Worker:
         self._incoming: list[str] = []
         self._lock = threading.Lock()
         self.generation = 0  # bumped by each successful reload
+        # DSN counts for the rate limits: the process's, kept across reloads.
+        self.bounce_limiter = BounceLimiter()
 
     # -- finding work ---------------------------------------------------------
     def _try(self, state: str, job_id: str) -> Claim | None:
@@ -228,7 +231,8 @@ class Worker:
         with self._lock:
             cfg, policy, generation = self.cfg, self.policy, self.generation
         return generation, Runner(cfg.worker, Clients(cfg.aws), self.metrics, policy,
-                                  self.stopping, recovered=self.recovered)
+                                  self.stopping, recovered=self.recovered,
+                                  bounce_limiter=self.bounce_limiter)
 
     def recovered(self, kind: str) -> None:
         """An action of `kind` succeeded on a retry: retry now the jobs waiting on it.

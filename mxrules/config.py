@@ -45,6 +45,12 @@ class WorkerSettings:
     metrics_listen: str = "127.0.0.1:9902"
     bounce_relay: str = "127.0.0.1:25"
     smtp_timeout: float = 30.0
+    # A DSN goes only to a sender SPF or aligned DMARC vouches for (no backscatter).
+    bounce_require_authenticated: bool = True
+    # DSNs per sender and per client IP (IPv6: per /64) in each period of seconds.
+    bounce_rate_per_sender: int = 10
+    bounce_rate_per_client: int = 50
+    bounce_rate_period: float = 3600.0
 
 
 @dataclass(frozen=True)
@@ -492,6 +498,14 @@ def _build(path: str, data: dict[str, Any], node: yaml.Node | None) -> Config:
         metrics_listen=data.get("metrics", {}).get("worker_listen", defaults.metrics_listen),
         bounce_relay=bounce.get("smtp_relay", defaults.bounce_relay),
         smtp_timeout=float(bounce.get("timeout", defaults.smtp_timeout)),
+        bounce_require_authenticated=bool(bounce.get("require_authenticated_sender",
+                                                     defaults.bounce_require_authenticated)),
+        bounce_rate_per_sender=bounce.get("rate_limit", {}).get(
+            "per_sender", defaults.bounce_rate_per_sender),
+        bounce_rate_per_client=bounce.get("rate_limit", {}).get(
+            "per_client_ip", defaults.bounce_rate_per_client),
+        bounce_rate_period=float(bounce.get("rate_limit", {}).get(
+            "period", defaults.bounce_rate_period)),
     )
     aws_settings = AwsSettings(
         region=aws.get("region"),

@@ -30,6 +30,9 @@ ACTION_TYPES = ("AddHeader", "S3", "SNS", "Lambda", "Bounce", "Stop")
 ACTION_OUTCOMES = ("ok", "retry", "failed")
 JOB_RESULTS = ("done", "dead_lettered", "corrupt")
 RELOAD_RESULTS = ("ok", "failed")
+# Why a Bounce action sent no DSN (actions.bounce): the sender is not authenticated,
+# or the per-sender or per-client-IP rate limit is reached.
+BOUNCE_SUPPRESSIONS = ("unauthenticated", "sender-rate", "client-rate")
 
 
 class ConfigMetrics:
@@ -184,6 +187,14 @@ class WorkerMetrics(ConfigMetrics):
             "mxrules_jobs_recovered_total",
             "Jobs taken over from a worker that died holding them; each may repeat one action.",
             registry=registry)
+        self.bounces_suppressed = Counter(
+            "mxrules_bounces_suppressed_total",
+            "Bounce actions that sent no DSN, by reason (unauthenticated: neither SPF nor "
+            "aligned DMARC passed for the envelope sender; sender-rate, client-rate: the "
+            "rate limit for that sender or client IP was reached).",
+            ["reason"], registry=registry)
+        for reason in BOUNCE_SUPPRESSIONS:
+            self.bounces_suppressed.labels(reason)
         self.dead_letters = Counter(
             "mxrules_dead_letters_total",
             "Jobs given up on and moved to the dead-letter state (the spool's failed/; "

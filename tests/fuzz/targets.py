@@ -320,6 +320,7 @@ def check_message(raw: bytes) -> None:
 def _check_dsn(dsn: bytes, job: Job, *, ascii_only: bool) -> None:
     head, sep, _body = dsn.partition(b"\r\n\r\n")
     assert sep
+    assert len(dsn) <= bounce.MAX_DSN
     _no_injection(head + b"\r\n", ["From", "To", "Subject", "Date", "Message-ID",
                                    "Auto-Submitted", "MIME-Version", "Content-Type"])
     for line in dsn.split(b"\r\n"):

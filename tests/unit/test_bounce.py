@@ -35,13 +35,18 @@ from harness.sink import SmtpSink
 from mxrules.actions.base import ActionContext, Outcome, PermanentActionError
 from mxrules.actions.bounce import (
     HEADER_LIMIT,
+    HEADERS_BUDGET,
+    MAX_DSN,
     RelayError,
+    _cut_headers,
     build_dsn,
     parse_relay,
     read_header_block,
     run,
     send_dsn,
 )
+from mxrules.actions.bounce_limit import BounceLimiter
+from mxrules.config import WorkerSettings
 from mxrules.rules import BounceAction, Rule
 from mxrules.spool import Client, Job, MatchedRule
 
@@ -79,6 +84,8 @@ def _job(**changes: Any) -> Job:
         hostname="mx.example.com",
         message_size=len(HEADERS + b"\r\n" + BODY),
         message_sha256=hashlib.sha256(HEADERS + b"\r\n" + BODY).hexdigest(),
+        verdicts={"spam": "PASS", "virus": "PASS", "spf": "PASS", "dkim": "GRAY",
+                  "dmarc": "GRAY"},
     )
     fields.update(changes)
     return Job(**fields)
@@ -362,6 +369,95 @@ def test_any_input_gives_a_well_formed_dsn(mail_from: str, sender: str, message:
                         len(dict.fromkeys(rcpts)))
 
 
+# -- the size cap ------------------------------------------------------------------
+
+# What a client sent in the attack: 900 recipients and some 40 KB of its own headers.
+ATTACK_RCPTS = [f"user{i:04d}@example.com" for i in range(900)]
+ATTACK_HEADERS = HEADERS + b"".join(b"X-Junk-%03d: " % i + b"j" * 990 + b"\r\n"
+                                    for i in range(40))
+WIDE = "\u2709" * 2048  # the longest message, every character escaped in both parts
+
+
+def _listed(msg: EmailMessage) -> list[str]:
+    return [b["Final-Recipient"].removeprefix("rfc822; ") for b in _report_blocks(msg)[1:]]
+
+
+@pytest.mark.parametrize(
+    ("rcpts", "headers", "message", "rcpts_cut", "headers_cut"),
+    [
+        pytest.param([RCPT], HEADERS, ACTION.message, False, False, id="small-nothing-cut"),
+        pytest.param(ATTACK_RCPTS, ATTACK_HEADERS, ACTION.message, True, True,
+                     id="900-recipients-40k-headers"),
+        pytest.param(ATTACK_RCPTS[:20], ATTACK_HEADERS, ACTION.message, False, True,
+                     id="only-headers-cut"),
+        pytest.param(ATTACK_RCPTS, HEADERS, ACTION.message, True, False,
+                     id="only-recipients-cut"),
+        pytest.param([f"\u00e9{'x' * 800}{i}@example.com" for i in range(900)],
+                     b"X-8bit: \xff\xfe=\x00\r\n" * 5000, WIDE, True, True,
+                     id="worst-case-escaping"),
+    ],
+)
+def test_dsn_is_capped_and_says_what_was_cut(rcpts: list[str], headers: bytes, message: str,
+                                             rcpts_cut: bool, headers_cut: bool) -> None:
+    dsn = build_dsn(_job(), _action(message=message), rcpts, headers, now=NOW)
+
+    assert len(dsn) <= MAX_DSN
+    msg = _parse(dsn)
+    listed = _listed(msg) if rcpts[0].isascii() else rcpts[:len(_report_blocks(msg)) - 1]
+    _assert_well_formed(dsn, len(listed))
+    assert listed == rcpts[:len(listed)] and listed  # the first ones, at least one
+    human = _text(_parts(msg)[0])
+    assert (len(listed) < len(rcpts)) is rcpts_cut
+    assert (f"... and {len(rcpts) - len(listed)} more: the list was cut" in human) is rcpts_cut
+    attached = _parts(msg)[2].get_payload(decode=True)
+    assert isinstance(attached, bytes) and headers.startswith(attached)
+    assert (attached != headers) is headers_cut
+    assert ("the headers were cut" in _unfold(human)) is headers_cut
+    if headers_cut and attached:
+        assert attached.endswith(b"\r\n")  # whole fields only
+
+
+def test_attack_dsn_keeps_the_useful_part() -> None:
+    msg = _parse(build_dsn(_job(), ACTION, ATTACK_RCPTS, ATTACK_HEADERS, now=NOW))
+    assert len(_listed(msg)) >= 100
+    attached = _parts(msg)[2].get_payload(decode=True)
+    assert isinstance(attached, bytes) and attached.startswith(HEADERS)
+    assert len(attached) <= HEADERS_BUDGET
+
+
+FIELDS = b"A: 1\r\nB: 2\r\n\t3\r\n 4\r\nC: 5\r\n"
+
+
+@pytest.mark.parametrize(
+    ("budget", "expected", "cut"),
+    [
+        pytest.param(100, FIELDS, False, id="all-fit"),
+        pytest.param(len(FIELDS), FIELDS, False, id="exactly"),
+        pytest.param(len(FIELDS) - 1, b"A: 1\r\nB: 2\r\n\t3\r\n 4\r\n", True,
+                     id="last-field-out"),
+        pytest.param(12, b"A: 1\r\n", True, id="folded-field-out-whole"),
+        pytest.param(17, b"A: 1\r\n", True, id="not-half-a-folded-field"),
+        pytest.param(3, b"", True, id="nothing-fits"),
+    ],
+)
+def test_headers_are_cut_at_whole_fields(budget: int, expected: bytes, cut: bool) -> None:
+    assert _cut_headers(FIELDS, budget) == (expected, cut)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(count=st.integers(1, 1000), length=st.integers(1, 900), message=_junk,
+       header_size=st.integers(0, HEADER_LIMIT), wide=st.booleans())
+def test_no_input_makes_a_dsn_over_the_cap(count: int, length: int, message: str,
+                                           header_size: int, wide: bool) -> None:
+    char = "\u00e9" if wide else "a"
+    rcpts = [f"{char * length}{i}@example.com" for i in range(count)]
+    headers = (b"X-H: \xff=" + b"h" * 90 + b"\r\n") * (header_size // 100)
+    action = _action(message=(WIDE if wide else "") + message)
+    dsn = build_dsn(_job(), action, rcpts, headers, now=NOW)
+    assert len(dsn) <= MAX_DSN
+    assert len(_report_blocks(_parse(dsn))) >= 2  # a recipient is always listed
+
+
 # -- reading the header block ------------------------------------------------------
 
 
@@ -466,16 +562,29 @@ def _no_connection(sock: socket.socket) -> bool:
     return False
 
 
+def _settings(relay: str, **changes: Any) -> SimpleNamespace:
+    defaults = WorkerSettings()
+    fields: dict[str, Any] = dict(
+        bounce_relay=relay, smtp_timeout=5.0,
+        bounce_require_authenticated=defaults.bounce_require_authenticated,
+        bounce_rate_per_sender=defaults.bounce_rate_per_sender,
+        bounce_rate_per_client=defaults.bounce_rate_per_client,
+        bounce_rate_period=defaults.bounce_rate_period)
+    fields.update(changes)
+    return SimpleNamespace(**fields)
+
+
 def _context(tmp_path: Path, relay: str, job: Job | None = None,
-             action: BounceAction = ACTION, recipients: tuple[str, ...] = (RCPT,)
-             ) -> ActionContext:
+             action: BounceAction = ACTION, recipients: tuple[str, ...] = (RCPT,),
+             limiter: BounceLimiter | None = None, **settings: Any) -> ActionContext:
     job = job or _job()
     path = tmp_path / "message"
     path.write_bytes(HEADERS + b"\r\n" + BODY)
     return ActionContext(
         job=job, matched=MatchedRule(job.rules[0].rule, recipients), action=action,
         rule_index=0, action_index=0, message_path=str(path), added_headers=(),
-        clients=None, settings=SimpleNamespace(bounce_relay=relay, smtp_timeout=5.0),
+        clients=None, settings=_settings(relay, **settings),
+        bounce_limiter=limiter if limiter is not None else BounceLimiter(),
     )
 
 
@@ -499,6 +608,56 @@ def test_run_sends_the_dsn_with_an_empty_envelope_sender(
     assert outcome == Outcome(detail=f"bounced 2 recipients to <{SENDER}> (5.1.1) via "
                                      f"127.0.0.1:{sink.port}")
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+UNAUTHENTICATED = {"spam": "PASS", "virus": "PASS", "spf": "FAIL", "dkim": "GRAY",
+                   "dmarc": "FAIL"}
+
+
+@pytest.mark.parametrize(
+    "verdicts",
+    [
+        pytest.param(UNAUTHENTICATED, id="spf-fail"),
+        pytest.param({**UNAUTHENTICATED, "spf": "GRAY", "dmarc": "GRAY"}, id="gray"),
+        pytest.param(dict.fromkeys(UNAUTHENTICATED, "DISABLED"), id="unscanned"),
+        pytest.param({}, id="no-verdicts"),
+    ],
+)
+def test_unauthenticated_sender_gets_no_dsn(tmp_path: Path, silent_port: socket.socket,
+                                            verdicts: dict[str, str]) -> None:
+    relay = f"127.0.0.1:{silent_port.getsockname()[1]}"
+    outcome = run(_context(tmp_path, relay, job=_job(verdicts=verdicts)))
+    assert outcome.suppressed == "unauthenticated"
+    assert outcome.disposition == "CONTINUE"
+    assert "suppressed (unauthenticated" in outcome.detail and SENDER in outcome.detail
+    assert _no_connection(silent_port)
+
+
+def test_authentication_can_be_switched_off(tmp_path: Path, sink: SmtpSink) -> None:
+    ctx = _context(tmp_path, f"127.0.0.1:{sink.port}", job=_job(verdicts=UNAUTHENTICATED),
+                   bounce_require_authenticated=False)
+    assert run(ctx).suppressed == ""
+    (got,) = sink.wait_for(1, timeout=10)
+    assert got.rcpt_tos == (SENDER,)
+
+
+def test_rate_limit_suppresses_and_a_failed_send_is_not_counted(
+        tmp_path: Path, sink: SmtpSink) -> None:
+    limiter = BounceLimiter()
+    down = f"127.0.0.1:{free_port()}"
+    up = f"127.0.0.1:{sink.port}"
+    with pytest.raises(RelayError):
+        run(_context(tmp_path, down, limiter=limiter, bounce_rate_per_sender=1))
+    first = run(_context(tmp_path, up, limiter=limiter, bounce_rate_per_sender=1))
+    second = run(_context(tmp_path, up, limiter=limiter, bounce_rate_per_sender=1))
+    assert (first.suppressed, second.suppressed) == ("", "sender-rate")
+    assert "more than 1 DSNs in 3600 s" in second.detail
+    assert len(sink.wait_for(1, timeout=10)) == 1
+    other = _job(mail_from="other@example.net")
+    third = run(_context(tmp_path, up, job=other, limiter=limiter, bounce_rate_per_sender=1,
+                         bounce_rate_per_client=1))
+    assert third.suppressed == "client-rate"  # the same client: 192.0.2.1
+    assert len(sink.messages) == 1
 
 
 def test_send_dsn_non_ascii_sender_uses_smtputf8(sink: SmtpSink) -> None:
