@@ -62,7 +62,9 @@ class MxrulesMilter(Milter.Base):
     def _answer(self, reply: Reply) -> int:
         if reply.verb == "continue":
             return Milter.CONTINUE
-        self.setreply(reply.code, reply.xcode, reply.text)
+        # Postfix reads a milter's reply text as a format: `%%` is one `%`, and a
+        # lone `%` eats the character after it (a Bounce message, an address).
+        self.setreply(reply.code, reply.xcode, reply.text.replace("%", "%%"))
         return _VERB[reply.verb]
 
     def _macro(self, name: str) -> str:

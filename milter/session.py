@@ -188,7 +188,7 @@ class Session:
     def rcpt(self, recipient: str, *, tls: bool) -> Reply:
         if self.msg is None:  # RCPT before MAIL cannot come from Postfix
             return TEMPFAIL_INTERNAL
-        decision = self.msg.engine.rcpt(recipient, tls=tls)
+        decision = self.msg.engine.rcpt(recipient, tls=tls, forwarded=self.forwarder is not None)
         self.msg.decisions.append(decision)
         self.rt.metrics.recipients.labels(decision.outcome).inc()
         if decision.reply.verb == "reject":

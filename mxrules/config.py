@@ -99,6 +99,8 @@ class Config:
     blocklist: tuple[tuple[IPNetwork, str], ...] = ()
     trusted_forwarders: tuple[str, ...] = ()
     delivery: str = "consume"
+    # A recipient whose rules would only bounce it is refused at RCPT instead.
+    bounce_reject_at_rcpt: bool = True
     max_message_size: int = DEFAULT_MAX_SIZE
     limits: Limits = field(default_factory=Limits)
     worker: WorkerSettings = field(default_factory=WorkerSettings)
@@ -548,6 +550,7 @@ def _build(path: str, data: dict[str, Any], node: yaml.Node | None) -> Config:
         blocklist=tuple(blocklist),
         trusted_forwarders=tuple(data.get("trusted_forwarders", [])),
         delivery=data.get("delivery", "consume"),
+        bounce_reject_at_rcpt=bool(data.get("bounce", {}).get("reject_at_rcpt", True)),
         max_message_size=data.get("max_message_size", DEFAULT_MAX_SIZE),
         limits=limits,
         worker=worker_settings,

@@ -7,13 +7,14 @@ milter would do.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from .ipfilter import FilterDecision, IPAddress, IpFilterTable, parse_cidr
 from .matching import ManagedDomains, RecipientIndex, split_address
-from .rules import AddHeaderAction, LambdaAction, Rule, RuleSet, StopAction
+from .rules import AddHeaderAction, BounceAction, LambdaAction, Rule, RuleSet, StopAction
 
 if TYPE_CHECKING:
     from .config import Config
@@ -57,7 +58,8 @@ class RcptDecision:
     """The fate of one envelope recipient."""
 
     recipient: str
-    outcome: Literal["unmanaged", "accepted", "no-rule", "no-rule-set", "tls-required"]
+    outcome: Literal["unmanaged", "accepted", "no-rule", "no-rule-set", "tls-required",
+                     "bounced"]
     rules: tuple[str, ...]  # names of the matching enabled rules, in rule-set order
     reply: Reply
 
@@ -90,6 +92,9 @@ class Engine:
         )
         rules = self.rule_set.rules if self.rule_set else ()
         self.index = RecipientIndex(rules, case_sensitive_local=config.local_part_case_sensitive)
+        # With delivery: deliver, Postfix delivers a handled recipient too: refusing it
+        # would take that delivery away, so only consume answers bounces at RCPT.
+        self.bounce_at_rcpt = config.bounce_reject_at_rcpt and config.delivery == "consume"
 
     # -- connect ---------------------------------------------------------
     def is_trusted_forwarder(self, addr: IPAddress) -> bool:
@@ -113,7 +118,13 @@ class Engine:
         return CONTINUE
 
     # -- RCPT TO ---------------------------------------------------------
-    def rcpt(self, recipient: str, *, tls: bool) -> RcptDecision:
+    def rcpt(self, recipient: str, *, tls: bool, forwarded: bool = False) -> RcptDecision:
+        """The fate of one recipient; `forwarded`: the client is a trusted forwarder.
+
+        A trusted forwarder has already accepted the message: a refusal would make
+        it send the DSN, to whatever sender the mail claims, so its recipients are
+        never refused for a Bounce (the worker's checks apply to them instead).
+        """
         parts = split_address(recipient)
         if parts is None or parts[1] not in self.domains:
             return RcptDecision(recipient, "unmanaged", (), CONTINUE)
@@ -134,6 +145,9 @@ class Engine:
         if not tls and any(r.tls_policy == "Require" for r in rules):
             reply = Reply("reject", "530", "5.7.0", "Must issue a STARTTLS command first")
             return RcptDecision(recipient, "tls-required", names, reply)
+        bounce = rcpt_bounce(rules) if self.bounce_at_rcpt and not forwarded else None
+        if bounce is not None:
+            return RcptDecision(recipient, "bounced", names, bounce_reply(bounce))
         return RcptDecision(recipient, "accepted", names, CONTINUE)
 
     # -- the message -----------------------------------------------------
@@ -172,6 +186,51 @@ def in_stream_headers(plan: Sequence[RulePlan]) -> list[tuple[str, str]]:
             elif isinstance(action, StopAction) or _waits_for_disposition(action):
                 return headers
     return headers
+
+
+def rcpt_bounce(rules: Sequence[Rule]) -> BounceAction | None:
+    """The Bounce to answer at RCPT, if bouncing is all a recipient's rules would do.
+
+    `rules` are the recipient's matched rules in rule-set order.  Refusing the
+    recipient instead of accepting it and sending a DSN later changes nothing
+    else only when every action that would run for it, up to a Stop or the last
+    rule, is a Bounce or a Stop, none with a topic_arn (its notification needs
+    the message), and the first is a Bounce with a 5xx reply code.  A 4xx
+    Bounce is left to the worker: refused with 4xx, the client would retry for
+    days a message that can never be taken.
+    """
+    first: BounceAction | None = None
+    for rule in rules:
+        for action in rule.actions:
+            if action.topic_arn is not None:
+                return None
+            if isinstance(action, StopAction):
+                return first
+            if not isinstance(action, BounceAction):
+                return None
+            if first is None:
+                if not action.smtp_reply_code.startswith("5"):
+                    return None
+                first = action
+    return first
+
+
+def bounce_reply(action: BounceAction) -> Reply:
+    """The RCPT reply for a Bounce: its reply code, status code and message.
+
+    Postfix refuses a milter reply whose enhanced status is of another class
+    than its code, so a status that does not start with 5 becomes 5.0.0; the
+    text is made one line of printable ASCII, short enough for any client.
+    """
+    status = action.status_code or ""
+    if not re.fullmatch(r"5\.[0-9]{1,3}\.[0-9]{1,3}", status):
+        status = "5.0.0"
+    text = "".join(ch if " " <= ch <= "~" else "?" for ch in " ".join(action.message.split()))
+    return Reply("reject", action.smtp_reply_code, status, text[:_REPLY_TEXT] or "Rejected")
+
+
+# An SMTP reply line is at most 512 octets (RFC 5321 §4.5.3.1.5) with its code and status.
+_REPLY_TEXT = 400
 
 
 def _waits_for_disposition(action: object) -> bool:

@@ -89,7 +89,8 @@ def explain(engine: Engine, tx: Transaction) -> dict[str, Any]:
                    "reply": None if mail.verb == "continue" else str(mail)}
     if mail.verb != "continue":
         return out
-    decisions: list[RcptDecision] = [engine.rcpt(r, tls=tx.tls) for r in tx.recipients]
+    decisions: list[RcptDecision] = [engine.rcpt(r, tls=tx.tls, forwarded=trusted)
+                                     for r in tx.recipients]
     out["recipients"] = [
         {"recipient": d.recipient, "outcome": d.outcome, "rules": list(d.rules),
          "reply": None if d.reply.verb == "continue" else str(d.reply)}
@@ -171,6 +172,9 @@ def render(result: dict[str, Any]) -> str:
                 "no-rule-set": "there is no active rule set",
                 "tls-required": f"rule {', '.join(r['rules'])} requires TLS (tls_policy: "
                                 "Require) and this session is not encrypted",
+                "bounced": f"a Bounce is all that {', '.join(r['rules'])} would do for it: "
+                           "refused now instead of accepted and bounced later, so no "
+                           "delivery status notification is sent",
             }[r["outcome"]]
             lines.append(f"  because {why}")
     lines.append("")

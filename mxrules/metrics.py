@@ -24,7 +24,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 BILLING_CHUNK = 256 * 1024
 
 CONNECTION_RESULTS = ("accepted", "rejected")
-RECIPIENT_RESULTS = ("accepted", "unmanaged", "no-rule", "no-rule-set", "tls-required")
+RECIPIENT_RESULTS = ("accepted", "unmanaged", "no-rule", "no-rule-set", "tls-required",
+                     "bounced")
 MESSAGE_RESULTS = ("spooled", "passed", "tempfail", "rejected")
 ACTION_TYPES = ("AddHeader", "S3", "SNS", "Lambda", "Bounce", "Stop")
 ACTION_OUTCOMES = ("ok", "retry", "failed")
@@ -81,12 +82,14 @@ class MilterMetrics(ConfigMetrics):
         self.rejections = Counter(
             "mxrules_rejections_total",
             "SMTP rejections (5xx) the milter asked for, by stage (connect, mail, rcpt, data) "
-            "and reason (block-filter, blocklist, size, no-rule, no-rule-set, tls-required).",
+            "and reason (block-filter, blocklist, size, no-rule, no-rule-set, tls-required, "
+            "bounced).",
             ["stage", "reason"], registry=registry)
         self.recipients = Counter(
             "mxrules_recipients_total",
             "Envelope recipients, by result (accepted: a rule takes it; unmanaged: not a "
-            "managed domain, passed to Postfix; no-rule, no-rule-set, tls-required: refused).",
+            "managed domain, passed to Postfix; no-rule, no-rule-set, tls-required: refused; "
+            "bounced: refused with the reply of the Bounce action that is all its rules do).",
             ["result"], registry=registry)
         for result in RECIPIENT_RESULTS:
             self.recipients.labels(result)

@@ -15,7 +15,9 @@ from mxrules.decision import (
     Reply,
     RulePlan,
     bare,
+    bounce_reply,
     in_stream_headers,
+    rcpt_bounce,
 )
 from mxrules.ipfilter import parse_ip
 from mxrules.rules import (
@@ -378,3 +380,103 @@ def test_bare(address: str, expected: str) -> None:
 def test_rcpt_decision_handled_only_when_accepted() -> None:
     assert RcptDecision("a@b.c", "accepted", ("r",), CONTINUE).handled
     assert not RcptDecision("a@b.c", "unmanaged", (), CONTINUE).handled
+
+
+# -- a Bounce answered at RCPT --------------------------------------------------------
+
+B552 = BounceAction(smtp_reply_code="552", status_code="5.2.2", message="Mailbox full",
+                    sender="a@example.com")
+B450 = BounceAction(smtp_reply_code="450", status_code="4.0.0", message="later",
+                    sender="a@example.com")
+NOTIFYING = BounceAction(smtp_reply_code="550", message="no", sender="a@example.com",
+                         topic_arn="arn:aws:sns:us-east-1:1:t")
+
+
+def _rules(*actions: tuple) -> list[Rule]:
+    return [Rule(name=f"r{i}", enabled=True, actions=tuple(a)) for i, a in enumerate(actions)]
+
+
+@pytest.mark.parametrize(
+    ("rules", "expected"),
+    [
+        pytest.param(_rules((BOUNCE,)), BOUNCE, id="bounce-only"),
+        pytest.param(_rules((BOUNCE, STOP), (S3,)), BOUNCE, id="bounce-then-stop"),
+        pytest.param(_rules((BOUNCE,), (STOP,), (S3,)), BOUNCE, id="stop-in-a-later-rule"),
+        pytest.param(_rules((), (BOUNCE,)), BOUNCE, id="earlier-rule-without-actions"),
+        pytest.param(_rules((BOUNCE, B552)), BOUNCE, id="two-bounces-first-answers"),
+        pytest.param(_rules((H1, BOUNCE)), None, id="add-header-first"),
+        pytest.param(_rules((S3,), (BOUNCE,)), None, id="earlier-rule-stores"),
+        pytest.param(_rules((BOUNCE, S3)), None, id="later-action-needs-the-message"),
+        pytest.param(_rules((BOUNCE,), (S3,)), None, id="later-rule-needs-the-message"),
+        pytest.param(_rules((REQUEST, BOUNCE)), None, id="lambda-first"),
+        pytest.param(_rules((NOTIFYING,)), None, id="bounce-with-topic"),
+        pytest.param(_rules((BOUNCE, StopAction(topic_arn="arn:aws:sns:us-east-1:1:t"))), None,
+                     id="stop-with-topic"),
+        pytest.param(_rules((B450,)), None, id="4xx-left-to-the-worker"),
+        pytest.param(_rules((STOP, BOUNCE)), None, id="stop-first-nothing-to-bounce"),
+        pytest.param(_rules(()), None, id="no-actions"),
+    ],
+)
+def test_rcpt_bounce(rules: list[Rule], expected: BounceAction | None) -> None:
+    assert rcpt_bounce(rules) == expected
+
+
+@pytest.mark.parametrize(
+    ("action", "reply"),
+    [
+        pytest.param(B552, "552 5.2.2 Mailbox full", id="as-configured"),
+        pytest.param(BounceAction(smtp_reply_code="550", message="gone"), "550 5.0.0 gone",
+                     id="no-status"),
+        pytest.param(BounceAction(smtp_reply_code="550", status_code="4.2.2", message="x"),
+                     "550 5.0.0 x", id="status-of-another-class"),
+        pytest.param(BounceAction(smtp_reply_code="554", status_code="5.7.1",
+                                  message="Bo\u00eete  pleine\t100%\x00"),
+                     "554 5.7.1 Bo?te pleine 100%?", id="printable-ascii-one-line"),
+        pytest.param(BounceAction(smtp_reply_code="550", message="m" * 2048),
+                     "550 5.0.0 " + "m" * 400, id="long-cut"),
+    ],
+)
+def test_bounce_reply(action: BounceAction, reply: str) -> None:
+    assert str(bounce_reply(action)) == reply
+    assert bounce_reply(action).verb == "reject"
+
+
+BOUNCE_CONFIG = """\
+domains: [example.com]
+{extra}
+rule_sets:
+  default:
+    - name: departed
+      enabled: true
+      recipients: [bob@example.com]
+      actions:
+        - bounce: {{smtp_reply_code: "550", status_code: 5.1.1, message: No such user,
+                    sender: postmaster@example.com}}
+    - name: store
+      enabled: true
+      recipients: [alice@example.com]
+      actions:
+        - s3: {{bucket_name: mail-bucket}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("extra", "forwarded", "outcome", "reply"),
+    [
+        pytest.param("", False, "bounced", "550 5.1.1 No such user", id="default-refused"),
+        pytest.param("", True, "accepted", "250 2.0.0", id="trusted-forwarder-accepted"),
+        pytest.param("delivery: deliver", False, "accepted", "250 2.0.0",
+                     id="deliver-mode-accepted"),
+        pytest.param("bounce: {reject_at_rcpt: false}", False, "accepted", "250 2.0.0",
+                     id="switched-off"),
+    ],
+)
+def test_rcpt_refuses_a_recipient_that_would_only_be_bounced(
+        tmp_path, extra: str, forwarded: bool, outcome: str, reply: str) -> None:
+    engine = _engine(tmp_path, BOUNCE_CONFIG.format(extra=extra))
+    decision = engine.rcpt("bob@example.com", tls=False, forwarded=forwarded)
+    assert (decision.outcome, decision.rules, str(decision.reply)) == (
+        outcome, ("departed",), reply)
+    assert decision.handled is (outcome == "accepted")
+    other = engine.rcpt("alice@example.com", tls=False, forwarded=forwarded)
+    assert other.outcome == "accepted"

@@ -310,6 +310,40 @@ def test_trusted_forwarder_is_recorded(runtime) -> None:
     assert job.client.forwarded_by == "192.0.2.250"
 
 
+BOUNCE_ONLY = """\
+hostname: mx.example.com
+domains: [example.com]
+trusted_forwarders: [192.0.2.250/32]
+rule_sets:
+  default:
+    - name: departed
+      enabled: true
+      recipients: [bob@example.com]
+      actions:
+        - bounce: {smtp_reply_code: "550", status_code: 5.1.1, message: Gone,
+                   sender: postmaster@example.com}
+"""
+
+
+@pytest.mark.parametrize(
+    ("client", "reply", "result"),
+    [
+        pytest.param("203.0.113.5", "550 5.1.1 Gone", "bounced", id="direct-refused-at-rcpt"),
+        pytest.param("192.0.2.250", "250 2.0.0", "accepted", id="forwarder-accepted"),
+    ],
+)
+def test_recipient_that_would_only_be_bounced(tmp_path, client: str, reply: str,
+                                              result: str) -> None:
+    rt = Runtime(Engine(_config(tmp_path, BOUNCE_ONLY)), Spool(str(tmp_path / "spool")),
+                 MilterMetrics(CollectorRegistry()))
+    session = _connect(rt, client=client)
+    session.mail("<s@example.net>", {})
+    assert str(session.rcpt("<bob@example.com>", tls=False)) == reply
+    assert _metric(rt, "mxrules_recipients_total", result=result) == 1
+    assert _metric(rt, "mxrules_rejections_total", stage="rcpt",
+                   reason="bounced") == (result == "bounced")
+
+
 def test_engine_snapshot_per_message(tmp_path, runtime) -> None:
     session = _connect(runtime)
     session.mail("<s@example.net>", {})
