@@ -53,6 +53,7 @@ def rules(bucket: str, kms: str, topic: str, function: str) -> list[dict[str, An
              {"lambda": {"function_arn": function, "invocation_type": "RequestResponse"}},
              {"s3": {"bucket_name": bucket, "object_key_prefix": "invoices/"}}]},
         {"name": "departed", "enabled": True, "recipients": ["bob@example.com"],
+         "scan_enabled": True,  # SPF decides whether the sender may get a DSN
          "actions": [
              {"bounce": {"smtp_reply_code": "550", "status_code": "5.1.1",
                          "message": "Bob has left; write to support@example.com",
@@ -87,7 +88,8 @@ def main() -> int:
     moto = MotoServer(workdir=work / "moto")
     sink = SmtpSink()
     spamd, clamd = Spamd(work / "spamd"), Clamd(work / "clamd")
-    dns = DnsServer({"example.net": {"TXT": ["v=spf1 ip4:127.0.0.1 -all"]}})
+    dns = DnsServer({"example.net": {"TXT": ["v=spf1 ip4:127.0.0.1 -all"]},
+                     "forged.example": {"TXT": ["v=spf1 -all"]}})
     milter = worker = postfix = None
     try:
         say("starting moto (S3, SNS, SQS, KMS, Lambda on loopback) ...")
@@ -146,6 +148,8 @@ def main() -> int:
              "billing@vendor.example", ["ap@invoices.example.com"], tls=True)
         case("mail for a departed employee (Bounce action sends a DSN)",
              "carol@example.net", ["bob@example.com"])
+        case("the same from a forged sender (SPF fails: the bounce is suppressed, no "
+             "backscatter)", "victim@forged.example", ["bob@example.com"])
         case("support + a recipient outside the managed domains (Postfix delivers that one)",
              "dave@example.net", ["support@example.com", "friend@elsewhere.example"])
 
@@ -203,7 +207,7 @@ def main() -> int:
             say(f"logs: {work / 'milter.log'}, {work / 'worker.log'}, {postfix.maillog_path}")
         else:
             say("(run `./run demo --keep` to keep the config, spool and logs for a look)")
-        ok = accepted == 5 and len(moto.s3_keys(bucket)) == 4 and counts["failed"] == 0
+        ok = accepted == 6 and len(moto.s3_keys(bucket)) == 4 and counts["failed"] == 0
         say("\ndemo " + ("OK" if ok else "did not go as expected: see the logs above"))
         return 0 if ok else 1
     finally:
