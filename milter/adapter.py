@@ -62,8 +62,9 @@ class MxrulesMilter(Milter.Base):
     def _answer(self, reply: Reply) -> int:
         if reply.verb == "continue":
             return Milter.CONTINUE
-        # Postfix reads a milter's reply text as a format: `%%` is one `%`, and a
-        # lone `%` eats the character after it (a Bounce message, an address).
+        # The MTA reads a milter's reply text as a format (`%%` is one `%`), and
+        # pymilter raises on a lone `%`: a Bounce message or an address with one
+        # would otherwise turn a refusal into a 451.
         self.setreply(reply.code, reply.xcode, reply.text.replace("%", "%%"))
         return _VERB[reply.verb]
 
