@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 
 import pytest
 
@@ -189,6 +190,41 @@ def test_explain_size_too_big(capsys, config: str) -> None:
         "MAIL FROM:<s@x.test> SIZE=2049",
         "  REJECT 552 5.3.4 Message size exceeds fixed maximum message size",
     ]
+
+
+@pytest.mark.parametrize(
+    ("client", "expected"),
+    [
+        pytest.param("192.0.2.1", ["RCPT TO:<gone@example.com>",
+                                   "  REJECT 550 5.1.1 No such user",
+                                   "  because a Bounce is all that departed would do for it: "
+                                   "refused now instead of accepted and bounced later, so no "
+                                   "delivery status notification is sent"], id="refused"),
+        pytest.param("192.0.2.250", ["RCPT TO:<gone@example.com>",
+                                     "  accept: matched by departed"], id="trusted-forwarder"),
+    ],
+)
+def test_explain_bounce_only_recipient(capsys, tmp_path, client: str,
+                                       expected: list[str]) -> None:
+    path = tmp_path / "mxrules.yaml"
+    path.write_text(textwrap.dedent("""\
+        domains: [example.com]
+        trusted_forwarders: [192.0.2.250]
+        rule_sets:
+          default:
+            - name: departed
+              enabled: true
+              recipients: [gone@example.com]
+              actions:
+                - bounce: {smtp_reply_code: "550", status_code: 5.1.1, message: No such user,
+                           sender: pm@example.com}
+        """))
+    code, out, _ = _run(capsys, "explain", "-c", str(path), "--client-ip", client, "--from",
+                        "s@x.test", "--rcpt", "gone@example.com")
+    assert code == 0
+    lines = out.splitlines()
+    start = lines.index("RCPT TO:<gone@example.com>")
+    assert lines[start:start + len(expected)] == expected
 
 
 def test_explain_bad_client_ip_is_a_usage_error(capsys, config: str) -> None:
