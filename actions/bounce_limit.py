@@ -40,9 +40,13 @@ from mxrules.spool import Job
 
 MAX_KEYS = 10_000
 
-# mxrules' own Authentication-Results (built in mxrules.scan.auth): the dmarc
-# entry's header.from, a token or a quoted-string.
-_DMARC_FROM = re.compile(r'(?:^|;)\s*dmarc=pass\b[^;]*?\sheader\.from=(?:"([^"]*)"|([^\s;]+))')
+# mxrules' own Authentication-Results (mxrules.scan.auth.authentication_results)
+# ends with the dmarc entry: `dmarc=pass (p=.. sp=..) header.from=DOMAIN`.  Only
+# that last entry, and only a plain host name there, is read: the From domain
+# comes from the message, and a quoted one could hold text that looks like an
+# entry.  (Nothing else matching errs on the side of no DSN.)
+_DMARC_FROM = re.compile(
+    r";\s*dmarc=pass(?:\s+\([^()\"]*\))?\s+header\.from=([A-Za-z0-9][A-Za-z0-9.-]*)\s*\Z")
 
 
 class Limits(Protocol):
@@ -68,7 +72,7 @@ def dmarc_from_domain(job: Job) -> str:
         if name.lower() == "authentication-results":
             found = _DMARC_FROM.search(value)
             if found:
-                return found.group(1) or found.group(2) or ""
+                return found.group(1)
     return ""
 
 

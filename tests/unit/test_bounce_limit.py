@@ -18,6 +18,13 @@ from mxrules.actions.bounce_limit import (
     client_key,
     dmarc_from_domain,
 )
+from mxrules.scan.auth import (
+    DkimResult,
+    DmarcRecord,
+    DmarcResult,
+    SpfResult,
+    authentication_results,
+)
 from mxrules.spool import Client, Job
 
 AR = "Authentication-Results"
@@ -78,8 +85,13 @@ def test_authenticated_by(mail_from: str, verdicts: dict[str, str], auth: str,
     [
         pytest.param(_ar("dmarc=pass (p=reject sp=reject) header.from=example.net"),
                      "example.net", id="token"),
-        pytest.param(_ar('dmarc=pass header.from="ex ample.net"'), "ex ample.net",
-                     id="quoted"),
+        pytest.param(_ar("dmarc=pass header.from=example.net"), "example.net",
+                     id="no-record-comment"),
+        pytest.param(_ar('dmarc=pass header.from="ex ample.net"'), "", id="quoted-not-read"),
+        pytest.param(_ar('dmarc=fail (p=reject sp=reject) header.from="x; dmarc=pass '
+                         'header.from=victim.example"'), "", id="entry-inside-a-quote"),
+        pytest.param(_ar("dmarc=pass (p=none sp=none) header.from=example.net") + "; x=y", "",
+                     id="not-the-last-entry"),
         pytest.param(_ar("dmarc=fail (p=reject sp=reject) header.from=example.net"), "",
                      id="not-pass"),
         pytest.param("mx.example.com; spf=pass smtp.mailfrom=a@b; dkim=none; dmarc=none", "",
@@ -88,6 +100,22 @@ def test_authenticated_by(mail_from: str, verdicts: dict[str, str], auth: str,
 )
 def test_dmarc_from_domain_reads_our_header(auth: str, expected: str) -> None:
     assert dmarc_from_domain(_job(auth=auth)) == expected
+
+
+@pytest.mark.parametrize(
+    ("record", "from_domain"),
+    [
+        pytest.param(DmarcRecord("reject", "reject"), "example.net", id="with-record"),
+        pytest.param(None, "mail.example.net", id="without-record-comment"),
+    ],
+)
+def test_dmarc_from_domain_reads_what_the_milter_writes(record: DmarcRecord | None,
+                                                        from_domain: str) -> None:
+    value = authentication_results(
+        "mx.example.com", SpfResult("fail", "mailfrom", "a@example.net", "example.net"),
+        [DkimResult("pass", "example.net", "s1", "abcdefghijkl")],
+        DmarcResult("pass", from_domain, record))
+    assert dmarc_from_domain(_job(auth=value)) == from_domain
 
 
 @pytest.mark.parametrize(
