@@ -10,7 +10,16 @@ LIBRARIES
 
 The protocols are pyspf (SPF, RFC 7208) and dkimpy (DKIM, RFC 6376); DMARC (RFC 7489)
 is the record lookup, the organisational domain (publicsuffix2, Debian's list) and the
-alignment rules, written here. authheaders was not used: it runs pyspf through its
+alignment rules, written here.
+
+MEMORY
+
+The message is never read whole: the From header (DMARC) and the DKIM-Signature
+headers come from the header block alone (at most 1 MiB; a longer one is hostile:
+DKIM is neutral and DMARC permerror, "header block over the limit"). dkimpy is run
+only when a DKIM-Signature is there, over the header block, and the body hashes
+are computed from the file as a stream (`mxrules.scan.dkim_body`), with results
+identical to dkimpy's over the whole message. authheaders was not used: it runs pyspf through its
 default resolver, verifies only the first DKIM signature, reports every DKIM error as
 `fail`, and its DMARC DNS hook is meant for tests.
 
@@ -83,8 +92,8 @@ dmarcVerdict GRAY. The rest is mxrules's choice [mxrules]:
           failing, an aligned identifier that could not be checked, or no single From
           domain -> PROCESSING_FAILED. pct= is ignored: the published policy is
           reported as is.
-    Over max_size the message is not read whole: DKIM is PROCESSING_FAILED ("over
-    the size limit"); SPF is unaffected and DMARC still passes on aligned SPF.
+    Over max_size the body is not hashed: DKIM is PROCESSING_FAILED ("over the size
+    limit"); SPF is unaffected and DMARC still passes on aligned SPF.
     Without a valid client IP (a local submission) SPF is none -> GRAY.
 
 One SES sample also shows dkimVerdict GRAY for a message whose only (passing)
@@ -94,11 +103,11 @@ only. That sample is the only hint; mxrules judges every signature, as above.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import ipaddress
 import logging
-import os
 import re
 import threading
 import time
@@ -118,6 +127,7 @@ import publicsuffix2
 import spf
 
 from mxrules.scan import Status, Verdict
+from mxrules.scan.dkim_body import BodyHashes, Head, OutOfTime, Verifier, body_hash_key, read_head
 
 log = logging.getLogger(__name__)
 
@@ -732,21 +742,33 @@ def _dkim_entry(tags: dict[bytes, bytes], result: DkimCode, reason: str = "",
     return DkimResult(result, text(b"d").lower(), text(b"s"), text(b"b"), reason, checked)
 
 
-def _check_dkim(message: bytes, dns_: _Dns, *, complete: bool) -> list[DkimResult]:
-    if not complete:
-        # Over the size limit: the signatures in the headers read are reported, unverified.
-        reason = "message over the size limit"
+# A DKIM-Signature line as dkimpy or Python's email parser could read one (a line
+# starts after LF, or after a lone CR for the email parser): without one there is
+# nothing to verify and dkimpy is not run at all.
+_SIGNATURE_LINE = re.compile(rb"(?:\A|[\r\n])dkim-signature[\t ]*:", re.IGNORECASE)
+
+
+def _check_dkim(path: str, head: Head, dns_: _Dns, *, complete: bool) -> list[DkimResult]:
+    if complete and head.complete and not _SIGNATURE_LINE.search(head.block):
+        return []
+    if not complete or not head.complete:
+        # Over a size limit: the signatures in the headers read are reported, unverified.
+        reason = "message over the size limit" if not complete else "header block over the limit"
         return [_dkim_entry(_signature_tags(v.encode("ascii", "surrogateescape")), "neutral",
                             reason, checked=False)
-                for v in _header_values(message, "DKIM-Signature")
+                for v in _header_values(head.block, "DKIM-Signature")
                 ] or [DkimResult("neutral", reason=reason, checked=False)]
+    bodies = BodyHashes(path, head.body_offset, dns_.deadline)
     try:
-        verifier = dkim.DKIM(message, logger=_QuietLogger(), timeout=dns_.settings.timeout)
+        verifier = Verifier(head.block, bodies, logger=_QuietLogger(),
+                            timeout=dns_.settings.timeout)
     except Exception as exc:  # dkimpy's own parser refusing the message
         return [_dkim_entry(_signature_tags(v.encode("ascii", "surrogateescape")), "neutral",
                             f"message not parseable: {exc}")
-                for v in _header_values(message, "DKIM-Signature")]
+                for v in _header_values(head.block, "DKIM-Signature")]
     signatures = [v for n, v in verifier.headers if n.lower() == b"dkim-signature"]
+    for value in signatures[:_MAX_SIGNATURES]:
+        _announce(bodies, value)
     results = [_verify_one(verifier, index, value, dns_)
                for index, value in enumerate(signatures[:_MAX_SIGNATURES])]
     if len(signatures) > _MAX_SIGNATURES:
@@ -754,6 +776,13 @@ def _check_dkim(message: bytes, dns_: _Dns, *, complete: bool) -> list[DkimResul
         results.append(DkimResult("neutral", reason=f"{extra} more signatures not checked",
                                   checked=False))
     return results
+
+
+def _announce(bodies: BodyHashes, value: bytes) -> None:
+    """Tell `bodies` a signature's hash will be needed, so one pass of the file makes all."""
+    # A signature whose tags make this raise is refused by dkimpy itself: nothing to hash.
+    with contextlib.suppress(Exception):
+        bodies.want(body_hash_key(_signature_tags(value)))
 
 
 def _verify_one(verifier: Any, index: int, value: bytes, dns_: _Dns) -> DkimResult:
@@ -764,11 +793,13 @@ def _verify_one(verifier: Any, index: int, value: bytes, dns_: _Dns) -> DkimResu
     if expires.isdigit() and int(expires) < time.time():
         return _dkim_entry(tags, "fail", "signature expired")
     if time.monotonic() >= dns_.deadline:
-        # Verifying hashes the whole body again: no time, no work.
+        # Verifying may have to hash the whole body: no time, no work.
         return _dkim_entry(tags, "temperror", "out of time")
     fetch = _KeyFetch(dns_)
     try:
         ok = verifier.verify(idx=index, dnsfunc=fetch)
+    except OutOfTime:
+        return _dkim_entry(tags, "temperror", "out of time")
     except dkim.ValidationError as exc:
         # Raised after the key was fetched: the body hash did not match. Before: the
         # signature's own tags were wrong.
@@ -792,14 +823,17 @@ def _verify_one(verifier: Any, index: int, value: bytes, dns_: _Dns) -> DkimResu
     return _dkim_entry(tags, "fail", "signature did not verify")
 
 
-def _header_values(message: bytes, name: str) -> list[str]:
-    headers = BytesHeaderParser(policy=compat32).parsebytes(message)
+def _header_values(block: bytes, name: str) -> list[str]:
+    headers = BytesHeaderParser(policy=compat32).parsebytes(block)
     return [str(v) for v in headers.get_all(name) or []]
 
 
-def _check_dmarc(message: bytes, dns_: _Dns, spf_result: SpfResult,
+def _check_dmarc(head: Head, dns_: _Dns, spf_result: SpfResult,
                  dkim_results: Sequence[DkimResult]) -> DmarcResult:
-    from_domain, why = author_domain(_header_values(message, "From"))
+    if not head.complete:
+        # A From header past the part read could make it two author domains.
+        return DmarcResult("permerror", reason="header block over the limit")
+    from_domain, why = author_domain(_header_values(head.block, "From"))
     if from_domain is None:
         return DmarcResult("permerror", reason=why)
     try:
@@ -825,12 +859,10 @@ def _find_dmarc_record(dns_: _Dns, from_domain: str) -> tuple[DmarcRecord | None
     return None, from_domain
 
 
-def _read_message(path: str, max_size: int) -> tuple[bytes, bool]:
-    """The message's bytes, and whether that is all of it (False above max_size)."""
+def _read_head(path: str) -> Head:
+    """The message's header block (never its body) and its size."""
     with open(path, "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        data = fh.read(max_size if size > max_size else -1)
-    return data, size <= max_size
+        return read_head(fh)
 
 
 def check(message_path: str, *, client_ip: str, helo: str, mail_from: str, authserv_id: str,
@@ -865,7 +897,7 @@ def _check(message_path: str, *, client_ip: str, helo: str, mail_from: str, auth
         spf_result = SpfResult("temperror", "mailfrom", mail_from, "", f"internal error: {exc}")
 
     try:
-        message, complete = _read_message(message_path, max_size)
+        head = _read_head(message_path)
     except OSError as exc:
         # Without the message neither DKIM nor DMARC can be decided; SPF stands.
         why = f"message not readable: {exc.strerror or exc}"
@@ -873,8 +905,9 @@ def _check(message_path: str, *, client_ip: str, helo: str, mail_from: str, auth
         dkim_status = Verdict("PROCESSING_FAILED", sanitize(why))
         dmarc_result = DmarcResult("temperror", reason=why)
     else:
+        complete = head.size <= max_size
         try:
-            dkim_results = _check_dkim(message, dns_, complete=complete)
+            dkim_results = _check_dkim(message_path, head, dns_, complete=complete)
         except Exception as exc:
             log.warning("DKIM check failed: %r", exc, exc_info=True)
             dkim_results = [DkimResult("neutral", reason=f"internal error: {exc}",
@@ -883,7 +916,7 @@ def _check(message_path: str, *, client_ip: str, helo: str, mail_from: str, auth
         if not complete:
             dkim_status = Verdict("PROCESSING_FAILED", "over the size limit")
         try:
-            dmarc_result = _check_dmarc(message, dns_, spf_result, dkim_results)
+            dmarc_result = _check_dmarc(head, dns_, spf_result, dkim_results)
         except Exception as exc:
             log.warning("DMARC check failed: %r", exc, exc_info=True)
             dmarc_result = DmarcResult("temperror", reason=f"internal error: {exc}")
