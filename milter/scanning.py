@@ -6,12 +6,21 @@ pool, so their network waits overlap; whatever has not answered when the
 deadline (`scan.timeout`) passes is PROCESSING_FAILED, as is every scanner
 that is down or not configured.  A failure never rejects and never loses the
 mail -- unless the operator chose `scan.on_failure: tempfail`.
+
+At most `scan.concurrency` messages are scanned at once.  A message holds its
+slot until every one of its scanners has returned -- also one given up on at
+the deadline, which runs on until its own deadline -- so the memory and
+threads scans take stay bounded however much mail arrives together.  A
+message that finds no free slot waits, at most `scan.wait_timeout` seconds
+(it and `scan.timeout` together stay inside Postfix's 300 s wait for end of
+data), and is then answered 451: the sender retries later.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
@@ -49,15 +58,64 @@ def _failed(why: str) -> Verdict:
     return Verdict("PROCESSING_FAILED", why)
 
 
-class Scanner:
-    """Owns the thread pool scans run in; one per milter process."""
+class ScanSlots:
+    """A count of messages being scanned, with a limit read at each acquire.
 
-    def __init__(self, workers: int = 64) -> None:
+    The limit is the config's, which a reload may change; a semaphore could not
+    follow it.
+    """
+
+    def __init__(self) -> None:
+        self.busy = 0
+        self._cond = threading.Condition()
+
+    def acquire(self, limit: int, timeout: float) -> bool:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.busy < limit, timeout):
+                return False
+            self.busy += 1
+            return True
+
+    def release(self) -> None:
+        with self._cond:
+            self.busy -= 1
+            self._cond.notify()
+
+    def release_when_done(self, futures: Collection[Future[object]]) -> None:
+        """Give the slot back once every scanner of the message has returned."""
+        left = [len(futures)]
+        lock = threading.Lock()
+
+        def one_done(_: Future[object]) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                self.release()
+
+        if not futures:
+            self.release()
+        for fut in futures:
+            fut.add_done_callback(one_done)
+
+
+# Scanners per message (spam, virus, auth), and the most messages scanned at once
+# that the schema allows (scan.concurrency): the pool never makes a scan queue.
+SCANNERS_PER_MESSAGE = 3
+MAX_CONCURRENCY = 32
+
+
+class Scanner:
+    """Owns the thread pool scans run in and the scan slots; one per milter process."""
+
+    def __init__(self, workers: int = SCANNERS_PER_MESSAGE * MAX_CONCURRENCY) -> None:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scan")
+        self.slots = ScanSlots()
 
     def scan(self, settings: ScanSettings, authserv_id: str, path: str, *, client_ip: str,
              helo: str, mail_from: str, recipients: Sequence[str],
-             client_hostname: str = "", queue_id: str = "") -> ScanOutcome:
+             client_hostname: str = "", queue_id: str = "") -> ScanOutcome | None:
+        """The verdicts; None when no scan slot freed within `scan.wait_timeout`."""
         from mxrules.scan import auth, spam, virus
 
         s = settings
@@ -81,7 +139,14 @@ class Scanner:
             path, client_ip=client_ip, helo=helo, mail_from=mail_from,
             authserv_id=authserv_id, dns=dns, timeout=s.timeout, max_size=s.dkim_max_size)
 
-        futures: dict[str, Future[object]] = {k: self.pool.submit(f) for k, f in jobs.items()}
+        if not self.slots.acquire(s.concurrency, s.wait_timeout):
+            return None
+        futures: dict[str, Future[object]] = {}
+        try:
+            for k, f in jobs.items():
+                futures[k] = self.pool.submit(f)
+        finally:
+            self.slots.release_when_done(futures.values())
         wait(futures.values(), timeout=s.timeout)
         verdicts: dict[str, Verdict] = {
             "spam": _failed("no spam scanner configured"),

@@ -326,6 +326,13 @@ class Session:
         auth_headers: tuple[tuple[str, str], ...] = ()
         if engine.scan_wanted(plan):
             outcome = self._scan(msg, writer, client, recipients)
+            if outcome is None:  # every scan slot stayed busy for scan.wait_timeout
+                writer.abort()
+                self.rt.metrics.messages.labels("tempfail").inc()
+                self.rt.metrics.scan_slot_timeouts.inc()
+                self._log(logging.WARNING, "eom", sender=msg.sender, result="tempfail",
+                          reason="scan-slots-busy")
+                return EomResult(TEMPFAIL_SCAN)
             if outcome.failed and engine.config.scan.on_failure == "tempfail":
                 writer.abort()
                 self.rt.metrics.messages.labels("tempfail").inc()
@@ -384,7 +391,7 @@ class Session:
         return EomResult(CONTINUE, tuple(headers), delete, discard, job.message_id, remove)
 
     def _scan(self, msg: _Message, writer: JobWriter, client: Client,
-              recipients: tuple[str, ...]) -> ScanOutcome:
+              recipients: tuple[str, ...]) -> ScanOutcome | None:
         cfg = msg.engine.config
         started = time.monotonic()
         writer.flush()
@@ -392,6 +399,8 @@ class Session:
             cfg.scan, cfg.hostname, writer.message_path, client_ip=client.address,
             helo=client.helo, mail_from=msg.sender, recipients=recipients,
             client_hostname=client.hostname, queue_id=self.queue_id)
+        if outcome is None:
+            return None
         elapsed = time.monotonic() - started
         m = self.rt.metrics
         m.scan_seconds.observe(elapsed)

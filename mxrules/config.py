@@ -30,6 +30,7 @@ from .rules import IpFilter, Limits, Rule, RuleSet
 DEFAULT_PATH = "/etc/mxrules/mxrules.yaml"
 DEFAULT_SPOOL = "/var/spool/mxrules"
 DEFAULT_MAX_SIZE = 40 * 1024 * 1024
+SCAN_EOM_BUDGET = 270  # seconds: Postfix's milter_content_timeout (300) less a margin
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,8 @@ class ScanSettings:
     timeout: float = 60.0
     on_failure: str = "accept"
     dkim_max_size: int = 10 * 1024 * 1024
+    concurrency: int = 4
+    wait_timeout: float = 120.0
 
 
 @dataclass(frozen=True, eq=False)
@@ -325,6 +328,14 @@ def _check_scan(scan: dict[str, Any], problem: Any) -> None:
             DnsSettings(tuple(dns["nameservers"]), float(dns.get("timeout", 5.0)))
         except ValueError as exc:
             problem(["scan", "dns", "nameservers"], str(exc))
+    # Waiting for a scan slot and scanning both happen at end of data, where Postfix
+    # waits 300 s (milter_content_timeout) before it gives up on the milter; 30 s of
+    # that are left for storing the job.
+    waited = float(scan.get("wait_timeout", 120.0)) + float(scan.get("timeout", 60.0))
+    if waited > SCAN_EOM_BUDGET:
+        problem(["scan", "wait_timeout"],
+                f"scan.wait_timeout + scan.timeout is {waited:g} s, more than {SCAN_EOM_BUDGET} s "
+                "(Postfix waits 300 s for end of data)")
 
 
 def _build(path: str, data: dict[str, Any], node: yaml.Node | None) -> Config:
@@ -531,6 +542,8 @@ def _build(path: str, data: dict[str, Any], node: yaml.Node | None) -> Config:
         timeout=float(scan.get("timeout", 60.0)),
         on_failure=scan.get("on_failure", "accept"),
         dkim_max_size=scan.get("dkim_max_size", 10 * 1024 * 1024),
+        concurrency=scan.get("concurrency", 4),
+        wait_timeout=float(scan.get("wait_timeout", 120.0)),
     )
     return Config(
         path=path,

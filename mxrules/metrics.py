@@ -140,6 +140,11 @@ class MilterMetrics(ConfigMetrics):
             "so this is the slowest scanner's time).",
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
             registry=registry)
+        self.scan_slot_timeouts = Counter(
+            "mxrules_scan_slot_timeouts_total",
+            "Messages answered 451 because every scan slot (scan.concurrency) stayed busy "
+            "for scan.wait_timeout.",
+            registry=registry)
 
 
 class WorkerMetrics(ConfigMetrics):

@@ -639,6 +639,9 @@ def test_config_error_message_lists_every_problem(tmp_path) -> None:
      "neither host:port"),
     ({"virus": {"engine": "clamd", "address": "127.0.0.1:99999"}}, "scan.virus.address",
      "neither host:port"),
+    ({"wait_timeout": 220}, "scan.wait_timeout", "more than 270 s"),
+    ({"wait_timeout": 100, "timeout": 200}, "scan.wait_timeout", "is 300 s"),
+    ({"concurrency": 0}, "scan.concurrency", "less than the minimum of 1"),
 ])
 def test_unusable_scanner_settings_are_config_errors(tmp_path, scan, path, words) -> None:
     cfg = tmp_path / "mxrules.yaml"
@@ -648,3 +651,16 @@ def test_unusable_scanner_settings_are_config_errors(tmp_path, scan, path, words
     [problem] = err.value.problems
     assert problem.path == path and words in problem.message, problem
     assert problem.file.startswith(f"{cfg}:")
+
+
+@pytest.mark.parametrize(("scan", "expected"), [
+    pytest.param({}, (4, 120.0), id="defaults"),
+    pytest.param({"concurrency": 1, "wait_timeout": 0}, (1, 0.0), id="no-waiting"),
+    pytest.param({"concurrency": 32, "wait_timeout": 30, "timeout": 240}, (32, 30.0),
+                 id="limits"),
+])
+def test_scan_slots_settings(tmp_path, scan, expected) -> None:
+    cfg = tmp_path / "mxrules.yaml"
+    cfg.write_text(yaml.safe_dump({"scan": scan}))
+    settings = load(str(cfg)).scan
+    assert (settings.concurrency, settings.wait_timeout) == expected
