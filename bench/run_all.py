@@ -81,10 +81,12 @@ def s_decision(out: str) -> list[tuple[str, str, str]]:
 
 
 def s_memory(out: str) -> list[tuple[str, str, str]]:
-    m = re.search(r"^(\d+ x \d+ MB) message\(s\), (\d+) at a time", out, re.M)
+    m = re.search(r"^(\d+ x \d+ MB) message\(s\), (\d+) at a time(, scans on)?", out, re.M)
     g = re.search(r"growth: ([\d.]+) MiB", out)
-    what = f"{m.group(1)}, {m.group(2)} at a time" if m else "?"
+    what = f"{m.group(1)}, {m.group(2)} at a time{m.group(3) or ''}" if m else "?"
     goal = "< 10 MB" if what.startswith("1 x 30 MB, 1 ") else ""
+    if what.endswith("scans on"):
+        goal = "≤ 64 MiB"
     return [(f"milter peak RSS growth, {what}", f"{g.group(1)} MiB" if g else "?", goal)]
 
 
@@ -118,6 +120,8 @@ BENCHES = [
     Bench("memory-1", ["bench_memory.py", "--size", "30", "--count", "1"], [], s_memory),
     Bench("memory-10", ["bench_memory.py", "--size", "30", "--count", "10", "--parallel", "10"],
           [], s_memory),
+    Bench("memory-scan", ["bench_memory.py", "--scan", "--size", "10", "--count", "10",
+                          "--parallel", "10"], [], s_memory),
     Bench("scan", ["bench_scan.py", "--count", "500"], ["--count", "30"], s_scan),
     Bench("worker", ["bench_worker.py"], ["--jobs", "200", "--repeats", "1"], s_worker),
     Bench("drain", ["bench_drain.py"], ["--quick"], s_drain),

@@ -94,6 +94,8 @@ def test_units_pass_systemd_analyze() -> None:
                         "PrivateTmp=yes", "RestartPreventExitStatus=78",
                         "ExecReload=/bin/kill -USR1 $MAINPID"):
             assert setting in text, (unit, setting)
+        if unit.name == "mxrules-milter.service":  # scans are bounded; so is the whole
+            assert "\nMemoryMax=512M\n" in text, unit
         security = run("systemd-analyze", "security", "--offline=true", str(unit),
                        check=False)
         assert "Overall exposure level" in security.stdout, security.stdout + security.stderr
