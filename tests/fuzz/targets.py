@@ -59,6 +59,7 @@ from mxrules.rules import (
     S3Action,
     SNSAction,
 )
+from mxrules.scan.dkim_body import BodyCanon, read_head
 from mxrules.spool import Client, Job, MatchedRule, Spool
 
 TIME_BOUND = 10.0  # seconds one input may take; generous, so a loaded host passes
@@ -800,6 +801,48 @@ def check_session(c: Conversation) -> None:
     target_by_name["session"].note("eom 250 spooled")
 
 
+# -- DKIM without the whole message: header block and streamed body hash ------------
+
+# Bytes rich in what canonicalization cares about: spaces, tabs, bare CR and LF, CRLF.
+dkim_bodies = st.lists(st.sampled_from([b" ", b"\t", b"\r", b"\n", b"\r\n", b"x", b"\xff",
+                                        b": ", b"From: a\r\n"]),
+                       max_size=200).map(b"".join)
+
+
+def check_dkim_body(args: tuple[bytes, int]) -> None:
+    """The header block and the streamed canonical bodies are what dkimpy gets from it all."""
+    import re
+
+    import dkim
+    from dkim.canonicalization import Relaxed, Simple
+
+    data, chunk = args
+    with open(_file("dkim", data), "rb") as fh:
+        head = read_head(fh, limit=1 << 20)
+    assert data.startswith(head.block) and head.body_offset == len(head.block)
+
+    def parse(text: bytes) -> tuple[list[Any], bytes] | None:
+        try:
+            return dkim.rfc822_parse(text)  # type: ignore[no-any-return]
+        except (dkim.MessageFormatError, IndexError):  # a junk header line
+            return None
+
+    whole, part = parse(data), parse(head.block)
+    assert (whole is None) == (part is None), "dkimpy refuses one and not the other"
+    if whole is None or part is None:
+        return
+    headers, body = whole
+    assert part[0] == headers
+    assert body == b"\r\n".join(re.split(b"\r?\n", data[head.body_offset:]))
+    for algorithm in (Simple, Relaxed):
+        out: list[bytes] = []
+        canon = BodyCanon(algorithm is Relaxed, [out.append])
+        for i in range(0, len(data) - head.body_offset, chunk):
+            canon.feed(data[head.body_offset + i:head.body_offset + i + chunk])
+        canon.close()
+        assert b"".join(out) == algorithm.canonicalize_body(body), algorithm.name
+
+
 TARGETS = [
     Target("headers", "payload.parse_headers -> commonHeaders, mail object, JSON",
            header_blocks() | nasty_bytes, check_headers, weight=1.5),
@@ -820,6 +863,9 @@ TARGETS = [
            job_files(), check_job, weight=2.0),
     Target("session", "milter Session: no 250 without a spooled, intact job",
            conversations, check_session, weight=1.5),
+    Target("dkim_body", "DKIM header block and streamed body hash against dkimpy's",
+           st.tuples(st.one_of(messages(), nasty_bytes, dkim_bodies), st.integers(1, 70)),
+           check_dkim_body, weight=1.0),
 ]
 target_by_name = {t.name: t for t in TARGETS}
 
