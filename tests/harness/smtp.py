@@ -7,8 +7,10 @@ recorded as code -1 with the error text.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import smtplib
+import socket
 import ssl
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -18,6 +20,7 @@ Reply = tuple[int, str]
 DISCONNECTED = -1
 
 _BARE_LF = re.compile(rb"(?<!\r)\n")
+CRLF = b"\r\n"
 
 
 def _text(msg: bytes | str) -> str:
@@ -199,3 +202,49 @@ def send(
         if any(map(is_positive, result.rcpts.values())):
             result = replace(result, data=client.data(msg))
         return result
+
+
+class Raw:
+    """An SMTP session with bytes on the wire exactly as given (8-bit, odd quoting).
+
+    smtplib re-quotes addresses and refuses bytes that are not ASCII; a test
+    of what Postfix and the milter make of a client's exact text needs this.
+    """
+
+    def __init__(self, port: int, host: str = "127.0.0.1") -> None:
+        self.sock = socket.create_connection((host, port), timeout=60)
+        self.buf = b""
+        self.greeting = self.reply()
+
+    def reply(self) -> tuple[int, bytes]:
+        lines = []
+        while True:
+            while CRLF not in self.buf:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return -1, b"".join(lines) or b"connection closed"
+                self.buf += chunk
+            line, self.buf = self.buf.split(CRLF, 1)
+            lines.append(line)
+            if len(line) < 4 or line[3:4] != b"-":
+                return int(line[:3]) if line[:3].isdigit() else -1, b"\n".join(lines)
+
+    def cmd(self, line: bytes) -> tuple[int, bytes]:
+        self.sock.sendall(line + CRLF)
+        return self.reply()
+
+    def data(self, message: bytes) -> tuple[int, bytes]:
+        code, text = self.cmd(b"DATA")
+        if code != 354:
+            return code, text
+        stuffed = b"".join(b"." + line if line.startswith(b".") else line
+                           for line in message.splitlines(keepends=True))
+        if not stuffed.endswith(CRLF):
+            stuffed += CRLF
+        self.sock.sendall(stuffed + b".\r\n")
+        return self.reply()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.cmd(b"QUIT")
+        self.sock.close()

@@ -21,9 +21,7 @@ file:line), so no header can be injected from the config either.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -38,12 +36,12 @@ from harness.moto import MotoServer
 from harness.mxrules_proc import MXRULES, MilterProcess, WorkerProcess
 from harness.ports import free_port
 from harness.sink import SmtpSink
+from harness.smtp import CRLF, Raw
 from harness.stack import write_config
 from mxrules.spool import STATES, Spool
 
 pytestmark = pytest.mark.postfix
 
-CRLF = b"\r\n"
 ADDED = b"X-Nasty-Test: added"
 
 
@@ -141,49 +139,6 @@ NASTY = [
          rcpts=(b"user@@example.com", b"user@example.com>", b"<user@example.com")),
     Case("envelope-null-sender", _msg([]), sender=b""),
 ]
-
-
-# -- a raw SMTP client: bytes on the wire exactly as given ---------------------------
-
-
-class Raw:
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
-        self.buf = b""
-        self.greeting = self.reply()
-
-    def reply(self) -> tuple[int, bytes]:
-        lines = []
-        while True:
-            while CRLF not in self.buf:
-                chunk = self.sock.recv(65536)
-                if not chunk:
-                    return -1, b"".join(lines) or b"connection closed"
-                self.buf += chunk
-            line, self.buf = self.buf.split(CRLF, 1)
-            lines.append(line)
-            if len(line) < 4 or line[3:4] != b"-":
-                return int(line[:3]) if line[:3].isdigit() else -1, b"\n".join(lines)
-
-    def cmd(self, line: bytes) -> tuple[int, bytes]:
-        self.sock.sendall(line + CRLF)
-        return self.reply()
-
-    def data(self, message: bytes) -> tuple[int, bytes]:
-        code, text = self.cmd(b"DATA")
-        if code != 354:
-            return code, text
-        stuffed = b"".join(b"." + line if line.startswith(b".") else line
-                           for line in message.splitlines(keepends=True))
-        if not stuffed.endswith(CRLF):
-            stuffed += CRLF
-        self.sock.sendall(stuffed + b".\r\n")
-        return self.reply()
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.cmd(b"QUIT")
-        self.sock.close()
 
 
 @dataclass
