@@ -15,8 +15,9 @@ Content-Type garbage, a 100 KB header.  Each goes in over a raw SMTP socket (so
 
 The milter must survive all of them: an ordinary message afterwards is
 accepted and stored, and its log holds no traceback.  A config whose
-AddHeader value holds CR or LF is refused by `mxrules check-config` (exit 78,
-file:line), so no header can be injected from the config either.
+AddHeader value holds CR, LF, NUL or another control character is refused by
+`mxrules check-config` (exit 78, file:line), so no header can be injected from
+the config either, nor one that libmilter cannot take.
 """
 
 from __future__ import annotations
@@ -343,9 +344,10 @@ def test_nasty_messages_are_refused_clearly_or_stored_intact(loop: Loop) -> None
                             "xclient-name-crlf"}, refused
 
 
-@pytest.mark.parametrize("value", ["a\r\nBcc: evil@x.test", "a\nX-Injected: yes", "a\r"],
-                         ids=["crlf", "lf", "cr"])
-def test_add_header_value_with_a_line_break_is_refused_by_the_config_check(
+@pytest.mark.parametrize("value", ["a\r\nBcc: evil@x.test", "a\nX-Injected: yes", "a\r",
+                                   "a\x00b", "a\x1b[2J", "a\x7f"],
+                         ids=["crlf", "lf", "cr", "nul", "escape", "del"])
+def test_add_header_value_with_a_control_character_is_refused_by_the_config_check(
         tmp_path: Path, value: str) -> None:
     rules = [{"name": "r", "enabled": True, "recipients": ["example.com"],
               "actions": [{"add_header": {"header_name": "X-A", "header_value": value}}]}]

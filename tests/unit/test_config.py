@@ -190,6 +190,26 @@ BAD = [
         """,
         "rule_sets.default[0].actions[0].add_header.header_value",
         "no CR or LF", id="add-header-value-block-scalar"),
+    # Control characters in anything that ends up in a header, the DSN or SMTP:
+    # NUL made every message of the rule fail after it was stored.
+    *[pytest.param(
+        f"""\
+        rule_sets:
+          default:
+            - name: r1
+              actions:
+                - {action}: {{{fields}"{text.format(value)}"}}  # <-
+        """,
+        f"rule_sets.default[0].actions[0].{action}.{field}",
+        "control character", id=f"{action}-{field}-{name}")
+      for name, value in [("nul", "\\0"), ("escape", "\\x1b[31m"), ("del", "\\x7f"),
+                          ("vertical-tab", "\\v"), ("lone-surrogate", "\\udc80")]
+      for action, field, fields, text in [
+          ("add_header", "header_value", "header_name: X-A, header_value: ", "a{}b"),
+          ("bounce", "message", "smtp_reply_code: '550', sender: b@example.com, message: ",
+           "a{}b"),
+          ("bounce", "sender", "smtp_reply_code: '550', message: m, sender: ",
+           "b{}@example.com")]],
     pytest.param(
         """\
         rule_sets:
@@ -552,6 +572,20 @@ def test_good_config_builds_the_model(tmp_path) -> None:
     assert second == Rule(name="off.by-default")
     assert (second.enabled, second.tls_policy, second.scan_enabled) == (False, "Optional", False)
     assert cfg.rule_sets["spare"].rules == ()
+
+
+def test_header_value_may_hold_tab_and_non_ascii_text(tmp_path) -> None:
+    """Only controls that break a header are refused: TAB is folding white space."""
+    cfg = load(_write(tmp_path, """\
+        rule_sets:
+          default:
+            - name: r1
+              actions:
+                - add_header: {header_name: X-A, header_value: "tab\\there \u00e9t\u00e9"}
+        """))
+    [rule] = cfg.rule_sets["default"].rules
+    assert rule.actions == (
+        AddHeaderAction(header_name="X-A", header_value="tab\there \u00e9t\u00e9"),)
 
 
 def test_defaults_of_an_empty_config(tmp_path) -> None:
