@@ -21,7 +21,7 @@ import Milter
 
 from mxrules.decision import Reply
 
-from .session import Runtime, Session
+from .session import Runtime, Session, postfix_form
 
 F = TypeVar("F", bound=Callable[..., Any])
 _conn_ids = itertools.count(1)
@@ -102,8 +102,10 @@ class MxrulesMilter(Milter.Base):
         self.session.queue_id = self._macro("i") or self.session.queue_id
         # Judge the address Postfix parsed and will deliver to, not the client's
         # text: Postfix reads `RCPT TO:<user@example.com>>` as user@example.com.
+        # The client's text is what Postfix recorded, and what delrcpt must name.
         parsed = self._macro("{rcpt_addr}")
-        return self._answer(self.session.rcpt(f"<{parsed}>" if parsed else recipient, tls=tls))
+        return self._answer(self.session.rcpt(f"<{parsed}>" if parsed else recipient, tls=tls,
+                                              recorded=postfix_form(recipient)))
 
     @Milter.decode("bytes")
     @Milter.noreply

@@ -90,6 +90,9 @@ class _Message:
     engine: Engine
     sender: str
     decisions: list[RcptDecision] = field(default_factory=list)
+    # Each recipient as Postfix recorded it in its queue file (see `postfix_form`),
+    # in the order of `decisions`: what delrcpt must name to remove it.
+    recorded: list[str] = field(default_factory=list)
     writer: JobWriter | None = None
     failed: Reply | None = None  # set when a header/body step could not be stored
     too_big: bool = False
@@ -185,11 +188,17 @@ class Session:
                       result="reject", reply=reply)
         return reply
 
-    def rcpt(self, recipient: str, *, tls: bool) -> Reply:
+    def rcpt(self, recipient: str, *, tls: bool, recorded: str = "") -> Reply:
+        """Judge `recipient` (the address Postfix parsed and will deliver to).
+
+        `recorded` is the same recipient as Postfix recorded it in its queue
+        file, the form delrcpt must name (default: `recipient`).
+        """
         if self.msg is None:  # RCPT before MAIL cannot come from Postfix
             return TEMPFAIL_INTERNAL
         decision = self.msg.engine.rcpt(recipient, tls=tls, forwarded=self.forwarder is not None)
         self.msg.decisions.append(decision)
+        self.msg.recorded.append(recorded or recipient)
         self.rt.metrics.recipients.labels(decision.outcome).inc()
         if decision.reply.verb == "reject":
             self.rt.metrics.rejections.labels("rcpt", decision.outcome).inc()
@@ -379,7 +388,11 @@ class Session:
         consume = engine.config.delivery == "consume"
         others = [d for d in msg.decisions if d.outcome == "unmanaged"]
         discard = consume and not others
-        delete = tuple(d.recipient for d in msg.handled) if consume and others else ()
+        delete: list[str] = []
+        if consume and others:
+            for decision, form in zip(msg.decisions, msg.recorded, strict=True):
+                if decision.handled and form not in delete:
+                    delete.append(form)
         self._log(logging.INFO, "eom", message_id=job.message_id, sender=msg.sender,
                   client=msg.client.address if msg.client else None,
                   forwarded_by=msg.client.forwarded_by if msg.client else None,
@@ -388,7 +401,8 @@ class Session:
                   delivery="discard" if discard else ("partial" if delete else "deliver"),
                   ms=int((time.monotonic() - msg.started) * 1000))
         remove = tuple(("Authentication-Results", i) for i in sorted(msg.forged, reverse=True))
-        return EomResult(CONTINUE, tuple(headers), delete, discard, job.message_id, remove)
+        return EomResult(CONTINUE, tuple(headers), tuple(delete), discard, job.message_id,
+                         remove)
 
     def _scan(self, msg: _Message, writer: JobWriter, client: Client,
               recipients: tuple[str, ...]) -> ScanOutcome | None:
@@ -562,6 +576,26 @@ def _claims(value: bytes, authserv_id: str) -> bool:
     """Does an Authentication-Results value speak for `authserv_id`?"""
     head = value.split(b";", 1)[0].strip().split(None, 1)
     return bool(head) and head[0].decode("ascii", "replace").lower() == authserv_id.lower()
+
+
+def postfix_form(raw: str) -> str:
+    """A RCPT TO argument as Postfix recorded it, for delrcpt to name it exactly.
+
+    smtpd(8) (extract_addr) takes the argument as the client typed it (the
+    milter's envrcpt receives it unchanged), removes one enclosing `<...>`
+    and a source route (`@a,@b:`), and records the rest, parsed and
+    internalised, as the original recipient.  cleanup(8) (cleanup_del_rcpt
+    in cleanup_milter.c) parses and internalises what the milter asks to
+    delete in the same way and compares it byte for byte with that record.
+    Giving back the very text smtpd parsed therefore names the recorded
+    recipient whatever case, quoting, `+tag` or trailing dot the client
+    used; `{rcpt_addr}` does not: it is the address as Postfix resolved it
+    (Postfix 3.7: in lower case, without a trailing dot, quoted again).
+    """
+    text = raw[1:-1] if raw.startswith("<") and raw.endswith(">") else raw
+    if text.startswith("@") and ":" in text:
+        text = text.split(":", 1)[1]
+    return text
 
 
 def _bare(address: str) -> str:
