@@ -21,7 +21,7 @@ import Milter
 
 from mxrules.decision import Reply
 
-from .session import Runtime, Session, postfix_form
+from .session import EomResult, Runtime, Session, postfix_form
 
 F = TypeVar("F", bound=Callable[..., Any])
 _conn_ids = itertools.count(1)
@@ -131,17 +131,34 @@ class MxrulesMilter(Milter.Base):
         result = self.session.eom(self._macro("i"))
         if result.reply.verb != "continue":
             return self._answer(result.reply)
+        try:
+            self._edit(result)
+        except Exception as exc:  # the job is stored: the answer stays "stored"
+            self.session.after_commit_failed("bookkeeping", result.message_id, exc)
+        return Milter.DISCARD if result.discard else Milter.CONTINUE
+
+    def _edit(self, result: EomResult) -> None:
+        """Apply the changes to Postfix's copy of a stored message.
+
+        Each change is tried on its own: one that fails (libmilter or Postfix
+        refusing it) is logged and counted, and the rest still go through.
+        """
         # Deletions first: Postfix applies changes in the order they come, and
         # an occurrence index counts the headers present at that moment (ours
         # inserted before would shift it onto our own Authentication-Results).
         for name, index in result.remove_headers:  # highest index first
-            self.chgheader(name, index, None)
+            self._try("remove-header", result, self.chgheader, name, index, None)
         # Insert below Postfix's own Received: header (index 0), in order.
         for offset, (name, value) in enumerate(result.add_headers, start=1):
-            self.addheader(name, value, offset)
+            self._try("add-header", result, self.addheader, name, value, offset)
         for recipient in result.delete_recipients:
-            self.delrcpt(recipient)
-        return Milter.DISCARD if result.discard else Milter.CONTINUE
+            self._try("remove-recipient", result, self.delrcpt, recipient)
+
+    def _try(self, step: str, result: EomResult, call: Callable[..., Any], *args: Any) -> None:
+        try:
+            call(*args)
+        except Exception as exc:
+            self.session.after_commit_failed(step, result.message_id, exc)
 
     @_edge("abort")
     def abort(self) -> int:

@@ -35,6 +35,7 @@ from mxrules.decision import (
     Engine,
     RcptDecision,
     Reply,
+    RulePlan,
     in_stream_headers,
 )
 from mxrules.errors import SpoolError
@@ -351,6 +352,9 @@ class Session:
             verdicts = outcome.statuses()
             auth_headers = outcome.auth_headers
             headers = [*outcome.headers(), *headers]
+        # Everything that could fail is settled before the commit: after it the
+        # message is accepted, and only the committed outcome may be answered.
+        headers = self._writable(headers)
         job = Job(
             message_id=writer.message_id,
             queue_id=_utf8(self.queue_id),
@@ -368,6 +372,7 @@ class Session:
             verdicts=verdicts,
             auth_headers=auth_headers,
         )
+        edits, kept = self._edits(msg, headers, job.message_id)
         started = time.monotonic()
         try:
             writer.commit(job)
@@ -377,6 +382,37 @@ class Session:
             self._log(logging.ERROR, "eom", message_id=job.message_id, result="tempfail",
                       error=exc)
             return EomResult(TEMPFAIL_SPOOL)
+        try:
+            self._spooled(msg, plan, job, edits, kept, started)
+        except Exception as exc:  # the job is stored: the answer stays "stored"
+            self.after_commit_failed("bookkeeping", job.message_id, exc)
+        return edits
+
+    def _edits(self, msg: _Message, headers: Sequence[tuple[str, str]],
+               message_id: str) -> tuple[EomResult, tuple[str, ...]]:
+        """The changes to Postfix's copy, and the recipients that cannot be removed.
+
+        consume: with no recipient left for Postfix its copy is discarded;
+        otherwise each handled recipient is removed as Postfix recorded it.
+        pymilter passes a recipient to libmilter as UTF-8 only: one whose
+        bytes are not (SMTPUTF8 off in Postfix) cannot be named, and stays.
+        """
+        consume = msg.engine.config.delivery == "consume"
+        others = any(d.outcome == "unmanaged" for d in msg.decisions)
+        delete: list[str] = []
+        kept: list[str] = []
+        if consume and others:
+            for decision, form in zip(msg.decisions, msg.recorded, strict=True):
+                if decision.handled and form not in delete and form not in kept:
+                    (delete if _passable(form) else kept).append(form)
+        remove = tuple(("Authentication-Results", i) for i in sorted(msg.forged, reverse=True))
+        result = EomResult(CONTINUE, tuple(headers), tuple(delete), consume and not others,
+                           message_id, remove)
+        return result, tuple(kept)
+
+    def _spooled(self, msg: _Message, plan: Sequence[RulePlan], job: Job, result: EomResult,
+                 kept: tuple[str, ...], started: float) -> None:
+        """Count and log a stored message."""
         m = self.rt.metrics
         m.spool_seconds.observe(time.monotonic() - started)
         m.messages.labels("spooled").inc()
@@ -385,24 +421,48 @@ class Session:
         m.message_size.observe(job.message_size)
         for p in plan:
             m.rule_matches.labels(p.rule.name).inc()
-        consume = engine.config.delivery == "consume"
-        others = [d for d in msg.decisions if d.outcome == "unmanaged"]
-        discard = consume and not others
-        delete: list[str] = []
-        if consume and others:
-            for decision, form in zip(msg.decisions, msg.recorded, strict=True):
-                if decision.handled and form not in delete:
-                    delete.append(form)
+        delete, discard = result.delete_recipients, result.discard
         self._log(logging.INFO, "eom", message_id=job.message_id, sender=msg.sender,
                   client=msg.client.address if msg.client else None,
                   forwarded_by=msg.client.forwarded_by if msg.client else None,
-                  rcpts=len(recipients), rules=",".join(p.rule.name for p in plan),
+                  rcpts=len(job.recipients), rules=",".join(p.rule.name for p in plan),
                   size=job.message_size, result="spooled",
-                  delivery="discard" if discard else ("partial" if delete else "deliver"),
+                  delivery="discard" if discard else ("partial" if delete or kept else "deliver"),
                   ms=int((time.monotonic() - msg.started) * 1000))
-        remove = tuple(("Authentication-Results", i) for i in sorted(msg.forged, reverse=True))
-        return EomResult(CONTINUE, tuple(headers), tuple(delete), discard, job.message_id,
-                         remove)
+        for form in kept:
+            m.post_commit_errors.labels("remove-recipient").inc()
+            self._log(logging.ERROR, "eom", message_id=job.message_id, result="spooled",
+                      rcpt=_utf8(form), error="not UTF-8: cannot be removed from Postfix's "
+                      "copy, which still goes to it")
+
+    def after_commit_failed(self, step: str, message_id: str, exc: BaseException) -> None:
+        """A step after the job was stored failed: loud, counted, and never a 4xx.
+
+        The client already has its message stored; a 451 now would make it
+        send the message again, and the job would run twice.
+        """
+        self.rt.metrics.post_commit_errors.labels(step).inc()
+        log.error("after commit conn=%s queue_id=%s message_id=%s step=%s: %r (the message "
+                  "is stored and answered as stored)", self.conn_id, self.queue_id,
+                  message_id, step, exc, exc_info=exc)
+
+    def _writable(self, headers: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The headers libmilter and Postfix can take; any other is logged and left out.
+
+        The config schema refuses such AddHeader values and the scan headers
+        are sanitised: this is the last check, before the commit, so that a
+        header can never fail after it.
+        """
+        out = []
+        for name, value in headers:
+            if _HEADER_NAME.fullmatch(name) and _passable(value) \
+                    and not _HEADER_CONTROLS.search(value):
+                out.append((name, value))
+            else:
+                self._log(logging.ERROR, "eom", result="header-left-out", header=name,
+                          error="not a header Postfix can take (control characters or "
+                          "bytes that are not UTF-8)")
+        return out
 
     def _scan(self, msg: _Message, writer: JobWriter, client: Client,
               recipients: tuple[str, ...]) -> ScanOutcome | None:
@@ -596,6 +656,17 @@ def postfix_form(raw: str) -> str:
     if text.startswith("@") and ":" in text:
         text = text.split(":", 1)[1]
     return text
+
+
+def _passable(text: str) -> bool:
+    """Can pymilter hand `text` to libmilter (a C string, encoded as UTF-8)?"""
+    return "\0" not in text and not _SURROGATE.search(text)
+
+
+# RFC 5322 field name: printable ASCII but the colon.  A value is one line: no
+# CR or LF (mxrules never folds), no other control but TAB, no DEL.
+_HEADER_NAME = re.compile(r"[!-9;-~]+")
+_HEADER_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 def _bare(address: str) -> str:

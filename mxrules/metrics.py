@@ -34,6 +34,8 @@ RELOAD_RESULTS = ("ok", "failed")
 # Why a Bounce action sent no DSN (actions.bounce): the sender is not authenticated,
 # or the per-sender or per-client-IP rate limit is reached.
 BOUNCE_SUPPRESSIONS = ("unauthenticated", "sender-rate", "client-rate")
+# What can still go wrong once a message is stored (it stays answered as stored).
+POST_COMMIT_STEPS = ("add-header", "remove-header", "remove-recipient", "bookkeeping")
 
 
 class ConfigMetrics:
@@ -108,6 +110,14 @@ class MilterMetrics(ConfigMetrics):
             "mxrules_milter_errors_total",
             "Internal errors in the milter turned into a temporary failure, by SMTP stage.",
             ["stage"], registry=registry)
+        self.post_commit_errors = Counter(
+            "mxrules_post_commit_errors_total",
+            "Steps that failed after a message was stored, by stage (add-header, remove-header, "
+            "remove-recipient: a change to Postfix's copy; bookkeeping); the message stays "
+            "accepted.",
+            ["stage"], registry=registry)
+        for step in POST_COMMIT_STEPS:
+            self.post_commit_errors.labels(step)
         self.spool_failures = Counter(
             "mxrules_spool_write_failures_total",
             "Messages that could not be written to the spool (answered 451).",

@@ -125,6 +125,9 @@ def test_known_label_values_exist_at_zero_from_the_start(tmp_path: Path) -> None
         (("result", r),): 0.0 for r in ("spooled", "passed", "tempfail", "rejected")}
     assert _samples(t["milter"], "mxrules_connections_total") == {
         (("result", "accepted"),): 0.0, (("result", "rejected"),): 0.0}
+    assert _samples(t["milter"], "mxrules_post_commit_errors_total") == {
+        (("stage", s),): 0.0
+        for s in ("add-header", "remove-header", "remove-recipient", "bookkeeping")}
     actions = _samples(t["worker"], "mxrules_actions_total")
     assert actions == {(("outcome", o), ("type", k)): 0.0
                        for k in ACTION_TYPES for o in ACTION_OUTCOMES}

@@ -1,7 +1,14 @@
-"""End of data: the changes to Postfix's copy of a stored message."""
+"""End of data around the commit: what is settled before it, and nothing after it fails.
+
+Once the job is stored the client must get the stored outcome: a 451 then
+would make it send the message again, and the job would run twice.  The
+changes to Postfix's copy (headers, removed recipients) are settled before
+the commit; a step after it that fails anyway is logged and counted.
+"""
 
 from __future__ import annotations
 
+import logging
 import textwrap
 
 import pytest
@@ -10,6 +17,7 @@ from prometheus_client import CollectorRegistry
 from mxrules.config import load
 from mxrules.decision import CONTINUE, Engine
 from mxrules.metrics import MilterMetrics
+from mxrules.milter import session as session_module
 from mxrules.milter.session import EomResult, Runtime, Session, postfix_form
 from mxrules.spool import Spool
 
@@ -78,3 +86,55 @@ def test_consume_removes_each_handled_recipient_as_recorded(runtime) -> None:
     assert result.reply == CONTINUE and result.message_id
     assert (result.discard, result.delete_recipients) == (
         False, ("SUPPORT@EXAMPLE.COM", "support@example.com."))
+
+
+def test_a_recipient_pymilter_cannot_name_stays_and_is_reported(runtime, caplog) -> None:
+    """Bytes that are not UTF-8 (SMTPUTF8 off) reach us as surrogates: no delrcpt for them."""
+    caplog.set_level(logging.INFO, logger="mxrules")
+    result = _message(runtime, [
+        ("<us\udce9r@example.com>", "<us\udce9r@example.com>"),
+        ("<ok@example.com>", "<OK@example.com>"),
+        ("<friend@other.test>", "<friend@other.test>"),
+    ])
+    assert result.reply == CONTINUE
+    assert result.delete_recipients == ("OK@example.com",)
+    assert runtime.spool.ids("incoming") == [result.message_id]
+    assert _metric(runtime, "mxrules_post_commit_errors_total", stage="remove-recipient") == 1
+    [error] = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert f"message_id={result.message_id}" in error and "us\ufffdr@example.com" in error
+
+
+def test_a_failing_step_after_the_commit_keeps_the_stored_outcome(runtime, caplog,
+                                                                   monkeypatch) -> None:
+    def broken(*_: object) -> None:
+        raise RuntimeError("metrics broke")
+
+    monkeypatch.setattr(runtime.metrics.message_size, "observe", broken)
+    result = _message(runtime, [("<a@example.com>", "<a@example.com>")])
+    assert result.reply == CONTINUE and result.discard
+    assert runtime.spool.ids("incoming") == [result.message_id]
+    assert _metric(runtime, "mxrules_post_commit_errors_total", stage="bookkeeping") == 1
+    assert any(r.levelno == logging.ERROR and result.message_id in r.getMessage()
+               and "metrics broke" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(("name", "value"), [
+    pytest.param("X-Nul", "a\x00b", id="nul"),
+    pytest.param("X-Lf", "a\nBcc: x@evil.test", id="lf"),
+    pytest.param("X-Esc", "a\x1b[31m", id="escape"),
+    pytest.param("X-Bytes", "caf\udce9", id="not-utf-8"),
+    pytest.param("Bad Name", "x", id="space-in-name"),
+    pytest.param("", "x", id="empty-name"),
+])
+def test_a_header_postfix_cannot_take_is_left_out_before_the_commit(
+        runtime, caplog, monkeypatch, name: str, value: str) -> None:
+    """The last check before the commit, behind the schema and the scan headers' sanitising."""
+    monkeypatch.setattr(session_module, "in_stream_headers",
+                        lambda plan: [("X-Good", "yes\tand tab"), (name, value)])
+    result = _message(runtime, [("<a@example.com>", "<a@example.com>")])
+    assert result.reply == CONTINUE
+    assert result.add_headers == (("X-Good", "yes\tand tab"),)
+    job = runtime.spool.load("incoming", result.message_id)
+    assert job.in_stream_headers == (("X-Good", "yes\tand tab"),)
+    assert any(r.levelno == logging.ERROR and "header-left-out" in r.getMessage()
+               for r in caplog.records)
