@@ -289,12 +289,37 @@ class JobWriter:
             _fsync_dir(self.dir)
             target = os.path.join(self.spool.root, "incoming", self.message_id)
             os.rename(self.dir, target)
-            self.spool.dir_sync("incoming")
-            self.spool.dir_sync("tmp")
-            return target
         except (OSError, ValueError) as exc:  # ValueError: a job.json that cannot be encoded
             self.abort()
             raise SpoolError(f"cannot commit job {self.message_id}: {exc}") from exc
+        return self._make_durable(target)
+
+    def _make_durable(self, target: str) -> str:
+        """fsync the rename into incoming/; if that fails, take the job back.
+
+        A worker may see the job from the rename on: failing the commit while
+        leaving the job there would answer 451 for a message that still runs,
+        and the client's retry would run it twice.  Taken back into tmp/, it
+        is gone for good; if a worker already took it into active/, it runs,
+        and the commit stands.
+        """
+        try:
+            self.spool.dir_sync("incoming")
+        except OSError as exc:
+            try:
+                os.rename(target, self.dir)
+            except FileNotFoundError:
+                return target  # a worker has it: answering 451 now would duplicate it
+            except OSError:
+                pass  # neither durable nor taken back: the job may run; 451 all the same
+            else:
+                self.abort()
+            raise SpoolError(f"cannot commit job {self.message_id}: {exc}") from exc
+        # The job is durable in incoming/.  Should the old name in tmp/ come back
+        # after a crash, the janitor removes it (clean_tmp): nothing to fail on.
+        with contextlib.suppress(OSError):
+            self.spool.dir_sync("tmp")
+        return target
 
     def abort(self) -> None:
         """Forget a message that will not be accepted (or whose commit failed).

@@ -1,16 +1,23 @@
 """The shared directory fsync of spool commits: no commit returns before an fsync
-that started after its rename has completed, and a failed fsync covers no one."""
+that started after its rename has completed, and a failed fsync covers no one.
+A commit whose rename cannot be made durable takes the job back, unless a
+worker already has it."""
 
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from mxrules import spool as spool_mod
+from mxrules.errors import SpoolError
+from mxrules.ids import new_message_id
+from mxrules.spool import Client, Job, Spool, ses_timestamp
 
 
 def test_every_sync_returns_after_an_fsync_that_started_after_it(
@@ -103,3 +110,59 @@ def test_an_fsync_already_running_at_the_rename_does_not_cover_it(
     a.join(5)
     b.join(5)
     assert b_done == [2]  # B returned only after an fsync of its own (or a later one)
+
+
+# -- a commit whose rename cannot be made durable ---------------------------------
+
+def _commit_with_failing_fsync(root: Path, monkeypatch: pytest.MonkeyPatch, failing: str,
+                               meanwhile: Callable[[Spool, str], object] = lambda s, i: None
+                               ) -> tuple[Spool, str, str | SpoolError]:
+    """Commit one job while every fsync of the `failing` directory fails with EIO."""
+    spool = Spool(str(root))
+    spool.ensure()
+    writer = spool.new_job(new_message_id())
+    real = spool_mod._fsync_dir
+
+    def fsync(path: str) -> None:
+        if os.path.basename(path) == failing:
+            meanwhile(spool, writer.message_id)
+            raise OSError(5, "Input/output error")
+        real(path)
+
+    monkeypatch.setattr(spool_mod, "_fsync_dir", fsync)
+    writer.write(b"Subject: x\r\n\r\nbody\r\n")
+    job = Job(message_id=writer.message_id, queue_id="Q1", received_at=ses_timestamp(),
+              rule_set="default", mail_from="a@example.net", recipients=("b@example.com",),
+              client=Client(address="192.0.2.1"), rules=(), in_stream_headers=(),
+              hostname="mx.example.com", message_size=writer.size,
+              message_sha256=writer.sha256, verdicts={})
+    try:
+        return spool, writer.message_id, writer.commit(job)
+    except SpoolError as exc:
+        return spool, writer.message_id, exc
+
+
+def test_a_rename_into_incoming_that_cannot_be_made_durable_is_taken_back(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool, _, outcome = _commit_with_failing_fsync(tmp_path, monkeypatch, "incoming")
+    assert isinstance(outcome, SpoolError)  # 451: and no worker will ever run it
+    assert spool.ids("incoming") == [] and spool.ids("tmp") == []
+
+
+def test_a_job_a_worker_took_before_the_failed_fsync_stays_committed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Answering 451 for a job that runs anyway would duplicate it on the client's retry."""
+    def worker_takes_it(spool: Spool, job_id: str) -> None:
+        assert spool.claim("incoming", job_id) is not None
+
+    spool, job_id, outcome = _commit_with_failing_fsync(tmp_path, monkeypatch, "incoming",
+                                                        worker_takes_it)
+    assert outcome == str(tmp_path / "incoming" / job_id)
+    assert spool.ids("active") == [job_id]
+
+
+def test_a_failed_fsync_of_tmp_after_the_job_is_durable_does_not_fail_the_commit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spool, job_id, outcome = _commit_with_failing_fsync(tmp_path, monkeypatch, "tmp")
+    assert outcome == str(tmp_path / "incoming" / job_id)
+    assert spool.ids("incoming") == [job_id]
