@@ -12,9 +12,10 @@ answered at end of data with 451, before any 250.
 
 A connection from a trusted forwarder (one of the user's own relays, SPEC §3)
 is not judged by its own address: each message is judged at end of data by
-the original client named in the relay's own `Received:` header.  Postfix
-(checked against 3.7) does not pass the `Received:` header it adds itself to
-the milter, so the first `Received:` the milter sees is the forwarder's.
+the original client named in the relay's own `Received:` header
+(mxrules/received.py).  Postfix (checked against 3.7) does not pass the
+`Received:` header it adds itself to the milter, so the first `Received:` the
+milter sees is the forwarder's.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import astuple, dataclass, field
 
 from mxrules.decision import (
@@ -42,6 +43,7 @@ from mxrules.errors import SpoolError
 from mxrules.ids import new_message_id
 from mxrules.ipfilter import IPAddress, parse_ip
 from mxrules.metrics import BILLING_CHUNK, MilterMetrics
+from mxrules.received import OriginalClient
 from mxrules.service import quote as _quote
 from mxrules.spool import Client, Job, JobWriter, MatchedRule, Spool, ses_timestamp
 
@@ -53,13 +55,6 @@ DISABLED_VERDICTS = {
     "spam": "DISABLED", "virus": "DISABLED", "spf": "DISABLED",
     "dkim": "DISABLED", "dmarc": "DISABLED",
 }
-
-# A chain of the user's own relays deeper than this is not credible (Postfix's
-# own hopcount_limit is 50); beyond it the forwarder's address is kept.  The
-# from-clause is at the start of a Received value, so a prefix is enough.
-MAX_RECEIVED = 20
-RECEIVED_PREFIX = 1024
-
 
 @dataclass
 class Runtime:
@@ -98,9 +93,10 @@ class _Message:
     failed: Reply | None = None  # set when a header/body step could not be stored
     too_big: bool = False
     started: float = field(default_factory=time.monotonic)
-    # Forwarded connections only: the Received values, topmost first, and what
-    # they say about the original client (settled once, at EOH or EOM).
-    received: list[bytes] = field(default_factory=list)
+    # Forwarded connections only: the walk down the Received headers as they
+    # come, and what it says about the original client (settled once, at EOH
+    # or EOM).
+    received: OriginalClient | None = None
     judged: bool = False
     client: Client | None = None  # None: the connection's own client
     blocked: ConnectDecision | None = None
@@ -251,9 +247,12 @@ class Session:
 
     def header(self, name: str, value: bytes) -> None:
         msg = self.msg
-        if (self.forwarder is not None and msg is not None and name.lower() == "received"
-                and len(msg.received) < MAX_RECEIVED):
-            msg.received.append(value[:RECEIVED_PREFIX])
+        if self.forwarder is not None and msg is not None and name.lower() == "received":
+            # Read whole and at once: each value is at most Postfix's
+            # header_size_limit, and only the walk's answer is kept.
+            if msg.received is None:
+                msg.received = OriginalClient(msg.engine.is_trusted_forwarder)
+            msg.received.add(value)
         if msg is not None and name.lower() == "authentication-results":
             msg.auth_results_seen += 1
             if _claims(value, msg.engine.config.hostname):
@@ -275,7 +274,8 @@ class Session:
         if msg.judged or self.forwarder is None:
             return
         msg.judged = True
-        hop, msg.unresolved = original_client(msg.received, msg.engine.is_trusted_forwarder)
+        walk = msg.received or OriginalClient(msg.engine.is_trusted_forwarder)
+        hop, msg.unresolved = walk.result()
         if hop is None:
             # Nothing to judge but the forwarder, which is trusted: the mail goes on.
             return
@@ -536,100 +536,6 @@ class Session:
                   self.conn_id, self.queue_id, stage, exc, exc_info=exc)
         self.abort()
         return TEMPFAIL_INTERNAL
-
-
-@dataclass(frozen=True)
-class Hop:
-    """The sending side of one Received header: who connected to the MTA that wrote it."""
-
-    address: IPAddress
-    helo: str = ""
-    rdns: str = ""
-
-
-# An address literal: `[192.0.2.1]`, `[IPv6:2001:db8::1]`, Exim's `[2001:db8::1]`.
-_LITERAL = re.compile(r"\[([^\]\s]{2,80})\]")
-
-
-def parse_received(value: bytes) -> Hop | None:
-    """The client a `Received:` header says its writer received from; None if unsure.
-
-    Understood: Postfix and Sendmail `from HELO (RDNS [IP])`, Exim
-    `from RDNS ([IP] helo=HELO)` and `from [IP] (helo=HELO)`, Exchange
-    `from HOST (IP)`.  The first word is the HELO name in the Postfix form,
-    chosen by the client, so an address literal there counts only when the
-    comment after it names no address (Exim's form without reverse DNS).
-    """
-    text = " ".join(value.decode("latin-1").split())
-    if text[:5].lower() != "from ":
-        return None  # e.g. `by host (Postfix, from userid 0)`: a local submission
-    first, _, rest = text[5:].partition(" ")
-    comment = _comment(rest)
-    for candidate in (comment, first):
-        literal = _LITERAL.search(candidate)
-        if literal is None:
-            continue
-        try:
-            address = parse_ip(literal.group(1))
-        except ValueError:
-            continue
-        if candidate is first:  # `from [IP] (helo=NAME)`: no reverse name
-            return Hop(address, _exim_helo(comment) or first, "")
-        before = candidate[:literal.start()].strip()
-        if before:  # `from HELO (RDNS [IP])`
-            return Hop(address, first, before.split()[-1])
-        # Exim's `from RDNS ([IP] helo=HELO)`; without `helo=` the same form
-        # is Sendmail's `from HELO ([IP])` (no reverse name) or Exim's with
-        # HELO = RDNS: only the HELO name is sure.
-        helo = _exim_helo(comment)
-        return Hop(address, helo or first, first if helo else "")
-    try:  # Exchange: `from HOST (IP)`
-        return Hop(parse_ip(comment), first, "")
-    except ValueError:
-        return None
-
-
-def _comment(text: str) -> str:
-    """The parenthesised comment `text` starts with (nested parentheses allowed)."""
-    if not text.startswith("("):
-        return ""
-    depth = 0
-    for i, ch in enumerate(text):
-        depth += (ch == "(") - (ch == ")")
-        if depth == 0:
-            return text[1:i]
-    return text[1:]
-
-
-def _exim_helo(comment: str) -> str:
-    for word in comment.split():
-        if word.lower().startswith("helo="):
-            return word[5:]
-    return ""
-
-
-def original_client(
-    received: Sequence[bytes], trusted: Callable[[IPAddress], bool]
-) -> tuple[Hop | None, str]:
-    """The first hop below the user's own relays, or None and why not.
-
-    The topmost header was written by the trusted forwarder, so the client
-    it names is true.  A header below is only as good as its writer: it is
-    read only while every hop above it named a relay of the user's (or the
-    relay itself over loopback, e.g. a content filter re-injecting).  An
-    unparsable header ends the walk: who wrote the next one is unknown.
-    """
-    for value in received:
-        hop = parse_received(value)
-        if hop is None:
-            return None, "unparsable-received"
-        if not (trusted(hop.address) or hop.address.is_loopback):
-            return hop, ""
-    if not received:
-        return None, "no-received"
-    if len(received) >= MAX_RECEIVED:
-        return None, "too-many-hops"
-    return None, "only-trusted-hops"
 
 
 def _claims(value: bytes, authserv_id: str) -> bool:

@@ -44,13 +44,8 @@ from mxrules.errors import ConfigError, CorruptJobError
 from mxrules.ipfilter import load_blocklist, parse_cidr, parse_ip
 from mxrules.matching import ManagedDomains, split_address
 from mxrules.metrics import MilterMetrics
-from mxrules.milter.session import (
-    EomResult,
-    Runtime,
-    Session,
-    original_client,
-    parse_received,
-)
+from mxrules.milter.session import EomResult, Runtime, Session
+from mxrules.received import OriginalClient, original_client, parse_received, read_received
 from mxrules.rules import (
     AddHeaderAction,
     BounceAction,
@@ -419,6 +414,78 @@ def _address_engine() -> Engine:
             - {name: b, enabled: true, tls_policy: Require, recipients: [secure.example.com]}
         """).encode())
     return Engine(load(path))
+
+
+# Received headers: what a trusted forwarder writes around a client's hostile HELO.
+TRUE_CLIENTS = ["198.51.100.23", "2001:db8:bad::5", "::ffff:198.51.100.24"]
+_POSTFIX_HIDES = str.maketrans({c: "?" for c in ' \t()"@;\\<>'})
+
+
+def _postfix_helo(helo: str) -> str:
+    """A HELO as Postfix prints it in Received (smtpd.c: the client's text, made safe)."""
+    return "".join(c if " " < c < "\x7f" else "?" for c in helo.translate(_POSTFIX_HIDES))
+
+
+def _line_limit(value: str) -> str:
+    """What Postfix's smtp client does to a line over 998 characters (CRLF SPACE)."""
+    lines = []
+    for line in value.split("\n"):
+        first = 998 - len("Received:")
+        while len(line) > first:
+            lines.append(line[:first])
+            line, first = " " + line[first:], 998
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _literal(ip: str, prefix: str) -> str:
+    addr = ipaddress.ip_address(ip)
+    return f"{prefix}{addr}" if isinstance(addr, ipaddress.IPv6Address) else str(addr)
+
+
+@st.composite
+def received_values(draw: st.DrawFn) -> tuple[bytes, str | None]:
+    """(a Received value, the client it truly names, or None when not one of the forms)."""
+    ip = draw(st.sampled_from(TRUE_CLIENTS))
+    helo = draw(st.one_of(nasty_text, st.sampled_from(
+        ["[203.0.113.9]", "x (r [203.0.113.9]) by y", "[203.0.113.9] (helo=x)", "(203.0.113.9)",
+         "a" * 1100, "(x [203.0.113.9])\n\tby y", "x@[203.0.113.9]"])))
+    helo = helo.replace("\r", "").replace("\n", "")  # an SMTP command is one line
+    rcpt = draw(st.one_of(nasty_text, st.just('" (203.0.113.9) by x"@example.com')))
+    mta = draw(st.sampled_from(["postfix", "exim", "sendmail", "exchange", "junk"]))
+    if mta == "postfix":
+        value = _line_limit(f" from {_postfix_helo(helo) or 'unknown'} (unknown "
+                            f"[{_literal(ip, 'IPv6:')}])\n\tby relay (Postfix) with ESMTP id "
+                            f"4QxAbc1\n\tfor <{rcpt}>; Sat, 28 Nov 2026 10:00:00 +0000")
+    elif mta == "exim":  # Exim refuses a HELO that is not a name or a literal
+        name = "".join(c for c in helo if c.isascii() and (c.isalnum() or c in ".-[]:")) or "x"
+        value = (f" from [{_literal(ip, '')}] (helo={name})\n\tby relay with esmtp "
+                 f"(Exim 4.96)\n\t(envelope-from <{rcpt}>)\n\tid 1xYdAs-00033T-09")
+    elif mta == "sendmail":  # with AllowBogusHELO: the HELO as given
+        value = (f" from {helo} ([{_literal(ip, 'IPv6:')}])\n\tby relay (8.17.1/8.17.1) "
+                 f"with ESMTP id 5B2A\n\tfor <{rcpt}>; Sat, 28 Nov 2026 10:00:00 GMT")
+    elif mta == "exchange":
+        value = (f" from {helo} ({_literal(ip, '')}) by EXCH01.corp.example (10.0.0.6) with "
+                 "Microsoft SMTP Server id 15.1.2507.39; Sat, 28 Nov 2026 10:00:00 +0000")
+    else:
+        return draw(nasty_bytes), None
+    return value.encode("utf-8", "surrogateescape"), ip
+
+
+def check_received(args: tuple[bytes, str | None]) -> None:
+    """Whatever the client wrote, the address read is the one the MTA wrote, or none."""
+    value, true = args
+    hop, why = read_received(value)
+    assert (hop is None) == bool(why) and why in ("", "unparsable", "ambiguous")
+    target_by_name["received"].note(f"{hop.form if hop else why}")
+    if hop is not None and true is not None:
+        assert hop.address == parse_ip(true), (value, hop)
+    if true is not None:
+        assert hop is not None or why == "ambiguous", (value, why)
+    walk = OriginalClient(lambda a: str(a) == "192.0.2.250")
+    for header in (b" from r (r [192.0.2.250])\n\tby relay (Postfix) id 1", value):
+        walk.add(header)
+    assert walk.result()[0] == hop
 
 
 # SES exports: text, then documents shaped like an export with hostile values.
@@ -855,6 +922,8 @@ TARGETS = [
            dsn_inputs, check_dsn, weight=1.5),
     Target("address", "address and client-address parsing, matching, Received",
            addresses, check_address, weight=2.0),
+    Target("received", "Received from clauses: never an address the client wrote",
+           received_values(), check_received, weight=1.5),
     Target("ses", "SES JSON exports (rule set, filters) through config.load",
            ses_exports(), check_ses, weight=0.5),
     Target("config", "config.load on hostile YAML (bad values, injection, nesting)",
