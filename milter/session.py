@@ -15,7 +15,9 @@ is not judged by its own address: each message is judged at end of data by
 the original client named in the relay's own `Received:` header
 (mxrules/received.py).  Postfix (checked against 3.7) does not pass the
 `Received:` header it adds itself to the milter, so the first `Received:` the
-milter sees is the forwarder's.
+milter sees is the forwarder's.  A message whose original client cannot be
+named is never judged as the forwarder: it gets `forwarder_unresolved`'s
+answer (451 or 554).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from mxrules.decision import (
     TEMPFAIL_SCAN,
     TEMPFAIL_SPOOL,
     TOO_BIG,
+    UNRESOLVED_REPLIES,
     ConnectDecision,
     Engine,
     RcptDecision,
@@ -211,7 +214,8 @@ class Session:
         for other domains passes through Postfix untouched and unstored.
         """
         msg = self.msg
-        if msg is None or msg.failed is not None or msg.blocked is not None or not msg.handled:
+        if (msg is None or msg.failed is not None or msg.blocked is not None or msg.unresolved
+                or not msg.handled):
             return None
         if msg.writer is None:
             try:
@@ -277,7 +281,11 @@ class Session:
         walk = msg.received or OriginalClient(msg.engine.is_trusted_forwarder)
         hop, msg.unresolved = walk.result()
         if hop is None:
-            # Nothing to judge but the forwarder, which is trusted: the mail goes on.
+            # Never judged as the forwarder (whose address the victim's SPF
+            # may well allow): refused at end of data, and nothing is stored.
+            if msg.writer is not None:
+                msg.writer.abort()
+                msg.writer = None
             return
         c = self.client
         # TLS stays the forwarder's: it is the only hop whose TLS mxrules saw.
@@ -300,9 +308,7 @@ class Session:
             return EomResult(TEMPFAIL_INTERNAL)
         self._judge(msg)
         if msg.unresolved:
-            # The filters cannot judge this message: say so once, with the queue id.
-            self._log(logging.INFO, "forwarded", sender=msg.sender, forwarder=self.forwarder,
-                      result="unresolved", reason=msg.unresolved)
+            return self._unresolved(msg)
         if msg.blocked is not None:
             return self._blocked(msg, msg.blocked)
         if msg.failed is None and not msg.handled:
@@ -503,6 +509,29 @@ class Session:
                   forwarded_by=self.forwarder, result="reject", reason=f.reason, filter=f.name,
                   cidr=f.cidr, reply=decision.reply)
         return EomResult(decision.reply)
+
+    def _unresolved(self, msg: _Message) -> EomResult:
+        """A forwarded message whose original client cannot be found.
+
+        Judging it as the forwarder would let any client the IP filters
+        refuse through the user's own relay, and SPF would judge the relay's
+        address.  The answer is `forwarder_unresolved`'s; whatever was stored
+        is dropped.
+        """
+        if msg.writer is not None:
+            msg.writer.abort()
+        reply = UNRESOLVED_REPLIES[msg.engine.config.forwarder_unresolved]
+        m = self.rt.metrics
+        m.forwarded_unresolved.labels(msg.unresolved).inc()
+        if reply.verb == "reject":
+            m.messages.labels("rejected").inc()
+            m.rejections.labels("data", "unresolved-client").inc()
+        else:
+            m.messages.labels("tempfail").inc()
+        self._log(logging.WARNING, "forwarded", sender=msg.sender, forwarder=self.forwarder,
+                  result=reply.verb, reason=msg.unresolved,
+                  why="the original client is unknown (trusted_forwarders)", reply=reply)
+        return EomResult(reply)
 
     def _writer_for(self, msg: _Message) -> JobWriter | None:
         """A message with no header or body callbacks at all still gets a file."""

@@ -101,6 +101,7 @@ class Config:
     ip_filters: tuple[IpFilter, ...] = ()
     blocklist: tuple[tuple[IPNetwork, str], ...] = ()
     trusted_forwarders: tuple[str, ...] = ()
+    forwarder_unresolved: str = "tempfail"  # or "reject"
     delivery: str = "consume"
     # A recipient whose rules would only bounce it is refused at RCPT instead.
     bounce_reject_at_rcpt: bool = True
@@ -562,6 +563,7 @@ def _build(path: str, data: dict[str, Any], node: yaml.Node | None) -> Config:
         ip_filters=tuple(filters),
         blocklist=tuple(blocklist),
         trusted_forwarders=tuple(data.get("trusted_forwarders", [])),
+        forwarder_unresolved=data.get("forwarder_unresolved", "tempfail"),
         delivery=data.get("delivery", "consume"),
         bounce_reject_at_rcpt=bool(data.get("bounce", {}).get("reject_at_rcpt", True)),
         max_message_size=data.get("max_message_size", DEFAULT_MAX_SIZE),

@@ -44,6 +44,12 @@ TEMPFAIL_SCAN = Reply(
     "tempfail", "451", "4.7.0", "Temporary failure scanning the message, try again later"
 )
 TOO_BIG = Reply("reject", "552", "5.3.4", "Message size exceeds fixed maximum message size")
+# A forwarded message whose original client cannot be named (forwarder_unresolved).
+UNRESOLVED_REPLIES = {
+    "tempfail": Reply("tempfail", "451", "4.7.1",
+                      "Original client of forwarded message unknown, try again later"),
+    "reject": Reply("reject", "554", "5.7.1", "Original client of forwarded message unknown"),
+}
 
 
 @dataclass(frozen=True)

@@ -146,7 +146,8 @@ def render(result: dict[str, Any]) -> str:
     conn = result["connect"]
     if conn["trusted_forwarder"]:
         lines.append("  a trusted forwarder: not filtered itself; the original client named in "
-                     "its Received: header is filtered at end of data (or send it with XCLIENT)")
+                     "its Received: header is filtered at end of data (or send it with XCLIENT); "
+                     "a message naming none gets forwarder_unresolved's answer")
     if conn["result"] == "reject":
         lines.append(f"  REJECT {conn['reply']}")
         lines.append(f"  decided by: {conn['why']}")

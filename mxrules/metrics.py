@@ -20,6 +20,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .received import UNRESOLVED_REASONS
+
 # SES bills received mail in 256 KB chunks; the same count helps size a fleet.
 BILLING_CHUNK = 256 * 1024
 
@@ -85,7 +87,7 @@ class MilterMetrics(ConfigMetrics):
             "mxrules_rejections_total",
             "SMTP rejections (5xx) the milter asked for, by stage (connect, mail, rcpt, data) "
             "and reason (block-filter, blocklist, size, no-rule, no-rule-set, tls-required, "
-            "bounced).",
+            "bounced, unresolved-client).",
             ["stage", "reason"], registry=registry)
         self.recipients = Counter(
             "mxrules_recipients_total",
@@ -102,6 +104,13 @@ class MilterMetrics(ConfigMetrics):
             ["result"], registry=registry)
         for result in MESSAGE_RESULTS:
             self.messages.labels(result)
+        self.forwarded_unresolved = Counter(
+            "mxrules_forwarded_unresolved_total",
+            "Messages from a trusted forwarder whose original client could not be named, "
+            "answered as forwarder_unresolved says (tempfail or reject), by reason.",
+            ["reason"], registry=registry)
+        for reason in UNRESOLVED_REASONS:
+            self.forwarded_unresolved.labels(reason)
         self.rule_matches = Counter(
             "mxrules_rule_matches_total",
             "Spooled messages each receipt rule matched, by rule name.", ["rule"],

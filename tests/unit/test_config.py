@@ -401,6 +401,12 @@ BAD = [
         "trusted_forwarders[1]", "not an address or CIDR", id="bad-trusted-forwarder"),
     pytest.param(
         """\
+        forwarder_unresolved: accept  # <-
+        """,
+        "forwarder_unresolved", "'accept' is not one of: tempfail, reject",
+        id="forwarder-unresolved-accept"),
+    pytest.param(
+        """\
         domains: [example.com]
         rule_set: default  # <-
         """,
@@ -511,6 +517,7 @@ ip_filters:
   - {{name: office, policy: Allow, cidr: 10.0.0.1/24}}
   - {{name: v6, policy: Block, cidr: "2001:db8::/32"}}
 trusted_forwarders: ["192.0.2.0/28"]
+forwarder_unresolved: reject
 blocklists: [blocklist.txt]
 active_rule_set: default
 rule_sets:
@@ -555,6 +562,7 @@ def test_good_config_builds_the_model(tmp_path) -> None:
     assert (cfg.milter_timeout, cfg.reload_interval) == (60, 0.5)
     assert cfg.spool_directory == f"{tmp_path}/spool"
     assert cfg.trusted_forwarders == ("192.0.2.0/28",)
+    assert cfg.forwarder_unresolved == "reject"
     assert cfg.ip_filters == (IpFilter("office", "Allow", "10.0.0.1/24"),
                               IpFilter("v6", "Block", "2001:db8::/32"))
     assert [label for _, label in cfg.blocklist] == [f"{tmp_path}/blocklist.txt:1"]
@@ -594,6 +602,7 @@ def test_defaults_of_an_empty_config(tmp_path) -> None:
     assert cfg.active_rule_set is None and cfg.active is None
     assert cfg.domains == ()
     assert cfg.delivery == "consume"
+    assert cfg.forwarder_unresolved == "tempfail"
     assert cfg.max_message_size == DEFAULT_MAX_SIZE == 40 * 1024 * 1024
     assert cfg.limits == Limits(200, 100, 10, 100)
     assert cfg.spool_directory == "/var/spool/mxrules"

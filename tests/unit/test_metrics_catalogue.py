@@ -99,6 +99,7 @@ def test_catalogue_has_everything_the_design_asks_for(tmp_path: Path) -> None:
         "mxrules_messages_total": "counter", "mxrules_rejections_total": "counter",
         "mxrules_rule_matches_total": "counter", "mxrules_verdicts_total": "counter",
         "mxrules_scan_duration_seconds": "histogram", "mxrules_received_chunks_total": "counter",
+        "mxrules_forwarded_unresolved_total": "counter",
         "mxrules_config_reloads_total": "counter",
         "mxrules_config_last_reload_success_timestamp_seconds": "gauge",
         "mxrules_config_last_reload_successful": "gauge",
@@ -128,6 +129,10 @@ def test_known_label_values_exist_at_zero_from_the_start(tmp_path: Path) -> None
     assert _samples(t["milter"], "mxrules_post_commit_errors_total") == {
         (("stage", s),): 0.0
         for s in ("add-header", "remove-header", "remove-recipient", "bookkeeping")}
+    assert _samples(t["milter"], "mxrules_forwarded_unresolved_total") == {
+        (("reason", r),): 0.0 for r in ("no-received", "unparsable-received",
+                                        "ambiguous-received", "too-many-hops",
+                                        "only-trusted-hops")}
     actions = _samples(t["worker"], "mxrules_actions_total")
     assert actions == {(("outcome", o), ("type", k)): 0.0
                        for k in ACTION_TYPES for o in ACTION_OUTCOMES}

@@ -304,9 +304,11 @@ def test_connection_without_an_ip_address(runtime) -> None:
 
 
 def test_trusted_forwarder_is_recorded(runtime) -> None:
-    result = _message(_connect(runtime, client="192.0.2.250"), ["<info@example.com>"])
+    received = ("Received", b" from h (unknown [203.0.113.9])\n\tby relay (Postfix) id 1")
+    result = _message(_connect(runtime, client="192.0.2.250"), ["<info@example.com>"],
+                      headers=[received, *HEADERS])
     job = runtime.spool.load("incoming", result.message_id)
-    assert job.client.forwarded_by == "192.0.2.250"
+    assert (job.client.address, job.client.forwarded_by) == ("203.0.113.9", "192.0.2.250")
 
 
 BOUNCE_ONLY = """\
@@ -574,39 +576,72 @@ def test_forwarded_allowed_original_is_recorded_with_the_message(fwd_runtime, ca
 
 
 @pytest.mark.parametrize(
-    "received",
+    ("received", "reason"),
     [
         pytest.param([("Received", b" by relay.example.com (Postfix, from userid 0) id 4Qx1; "
-                                   b"Sat, 28 Nov 2026 10:00:00 +0000")], id="local-submission"),
+                                   b"Sat, 28 Nov 2026 10:00:00 +0000")],
+                     "unparsable-received", id="local-submission"),
         pytest.param([("Received", b" (qmail 1234 invoked from network); 28 Nov 2026")],
-                     id="unknown-form"),
+                     "unparsable-received", id="unknown-form"),
         pytest.param([("Received", b" from sender.example by relay.example.com")],
-                     id="no-address"),
-        pytest.param([], id="no-received-header"),
-        pytest.param([_received("relay2", "relay2", "192.0.2.251")], id="only-trusted-hops"),
+                     "unparsable-received", id="no-address"),
+        # A relay that takes any HELO (Sendmail's AllowBogusHELO): the client's
+        # `x (r [203.0.113.9]) by y` reads as a one-line from clause of its own.
+        pytest.param([("Received", b" from x (r [203.0.113.9]) by y (unknown [198.51.100.23])"
+                                   b"\n\tby relay.example.com (8.17.1/8.17.1) id 4Qx1")],
+                     "ambiguous-received", id="helo-mimics-another-form"),
+        pytest.param([], "no-received", id="no-received-header"),
+        pytest.param([_received("relay2", "relay2", "192.0.2.251")], "only-trusted-hops",
+                     id="only-trusted-hops"),
+        pytest.param([_received("relay2", "relay2", "192.0.2.251")] * 20, "too-many-hops",
+                     id="too-many-hops"),
     ],
 )
-def test_forwarded_without_usable_received_keeps_the_forwarder(fwd_runtime, caplog,
-                                                               received) -> None:
+@pytest.mark.parametrize("policy", ["tempfail", "reject"])
+def test_forwarded_without_original_client_is_never_judged_as_the_forwarder(
+        tmp_path, caplog, received, reason: str, policy: str) -> None:
+    """Not accepted as the forwarder (which the IP filters would pass): 451 or 554."""
+    (tmp_path / "blocklist.txt").write_text("")
+    text = FWD_CONFIG + ("forwarder_unresolved: reject\n" if policy == "reject" else "")
+    rt = Runtime(Engine(_config(tmp_path, text)), Spool(str(tmp_path / "spool")),
+                 MilterMetrics(CollectorRegistry()))
     caplog.set_level(logging.INFO, logger="mxrules")
-    result = _forwarded(fwd_runtime, received)
-    assert result.reply == CONTINUE
-    job = fwd_runtime.spool.load("incoming", result.message_id)
-    assert (job.client.address, job.client.forwarded_by) == (FORWARDER, FORWARDER)
-    [record] = [r for r in caplog.records if "result=unresolved" in r.getMessage()]
-    assert record.levelno == logging.INFO
-    assert f"forwarder={FORWARDER}" in record.getMessage()
-    assert "queue_id=4QxYz1Abc" in record.getMessage()
+    session = _connect(rt, client=FORWARDER)
+    session.mail("<s@example.net>", {})
+    session.rcpt("<info@example.com>", tls=False)
+    for name, value in [*received, *HEADERS]:
+        session.header(name, value)
+    session.eoh()
+    session.body(b"x" * 100)
+    assert _listing(rt)["tmp"] == []  # judged at end of headers: nothing is stored
+    result = session.eom("4QxYz1Abc")
+    expected = {"tempfail": "451 4.7.1 Original client of forwarded message unknown, try again "
+                            "later",
+                "reject": "554 5.7.1 Original client of forwarded message unknown"}[policy]
+    assert (result.reply.verb, str(result.reply)) == (policy, expected)
+    assert result.message_id == "" and result.add_headers == ()
+    assert _listing(rt)["incoming"] == [] and _listing(rt)["tmp"] == []
+    assert _metric(rt, "mxrules_forwarded_unresolved_total", reason=reason) == 1
+    assert _metric(rt, "mxrules_messages_total",
+                   result="rejected" if policy == "reject" else "tempfail") == 1
+    assert _metric(rt, "mxrules_messages_total", result="spooled") == 0
+    assert _metric(rt, "mxrules_rejections_total", stage="data",
+                   reason="unresolved-client") == (1 if policy == "reject" else 0)
+    [record] = [r for r in caplog.records if r.getMessage().startswith("forwarded")]
+    assert record.levelno == logging.WARNING
+    line = record.getMessage()
+    assert f"forwarder={FORWARDER} result={policy} reason={reason}" in line
+    assert "queue_id=4QxYz1Abc" in line and expected in line
 
 
 def test_unparsable_hop_ends_the_walk(fwd_runtime) -> None:
     # Who wrote the header below an unparsable one is unknown: it is not believed.
     result = _forwarded(fwd_runtime, [
         ("Received", b" by relay.example.com (Postfix, from userid 0)"),
-        _received("spam.example", "unknown", "198.51.100.23"),
+        _received("good.example", "unknown", "203.0.113.9"),
     ])
-    assert result.reply == CONTINUE
-    assert fwd_runtime.spool.load("incoming", result.message_id).client.address == FORWARDER
+    assert result.reply.code == "451"
+    assert _listing(fwd_runtime)["incoming"] == []
 
 
 def test_the_whole_received_header_is_read(fwd_runtime) -> None:
@@ -669,10 +704,10 @@ def test_each_message_on_a_forwarded_connection_is_judged_alone(fwd_runtime) -> 
     allowed = _message(session, ["<info@example.com>"],
                        headers=[_received("b", "unknown", "203.0.113.9"), *HEADERS])
     unknown = _message(session, ["<info@example.com>"])
-    assert (blocked.reply.code, allowed.reply, unknown.reply) == ("554", CONTINUE, CONTINUE)
-    addresses = sorted(fwd_runtime.spool.load("incoming", m).client.address
-                       for m in fwd_runtime.spool.ids("incoming"))
-    assert addresses == sorted(["203.0.113.9", FORWARDER])
+    assert (blocked.reply.code, allowed.reply, unknown.reply.code) == ("554", CONTINUE, "451")
+    addresses = [fwd_runtime.spool.load("incoming", m).client.address
+                 for m in fwd_runtime.spool.ids("incoming")]
+    assert addresses == ["203.0.113.9"]
 
 
 def test_non_forwarded_client_is_filtered_at_connect_as_before(fwd_runtime) -> None:
