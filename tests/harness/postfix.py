@@ -283,6 +283,13 @@ class Postfix:
         """Ask the queue manager to retry every queued message now."""
         self._postfix_cmd("flush")
 
+    def submit(self, sender: str, rcpts: list[str], msg: bytes) -> None:
+        """Hand a message to this instance's sendmail(1), as a local program does (pickup)."""
+        sendmail = which("sendmail") or "/usr/sbin/sendmail"
+        env = {k: v for k, v in os.environ.items() if k != "MAIL_CONFIG"}
+        subprocess.run([sendmail, "-C", str(self.conf_dir), "-i", "-f", sender, "--", *rcpts],
+                       input=msg, env=env, check=True, capture_output=True, timeout=60)
+
     def set_milter(self, spec: str | None) -> None:
         """Point smtpd_milters at ``spec`` (None: no milter), reloading a running instance."""
         self.milter = spec
