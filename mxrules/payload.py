@@ -31,13 +31,23 @@ captured from SES by its users):
 
 Decided here where SES says nothing:
 
-- `headersTruncated`: SES keeps "the first 10 KB" of headers.  Whole headers are
-  kept, in order, while their total size (`Name: value` plus CRLF, UTF-8) stays
-  within 10 240 bytes; the rest are dropped, never cut mid-value.
-  `commonHeaders` and `destination` still come from every header.
-- `commonHeaders` values are the header text as written (no RFC 2047 decoding),
-  address lists split at top-level commas; the first occurrence wins for the
-  single-valued fields; `returnPath` is SES's own `Return-Path` without `<>`.
+- `headersTruncated`: SES keeps whole headers, in order, while the sum of
+  their names and values (UTF-8 bytes, values unfolded, no `: ` and no CRLF)
+  stays within 10 240 bytes; the first header that would pass it and all after
+  it are dropped.  A real SES notification (docs/ses-evidence.md) kept 50
+  headers summing to 10 234 bytes that way; counting `: ` and CRLF too would
+  have kept 45.  `commonHeaders` and `destination` still come from every header.
+- RFC 2047 encoded words are decoded in the values of Subject, From, Sender,
+  Reply-To, To, Cc and Bcc, in `mail.headers` and in `commonHeaders`; other
+  headers are listed as written (docs/ses-evidence.md says what is settled).
+- `commonHeaders` addresses are re-rendered one by one, as SES does:
+  `Name <addr>` with the display name bare when it is only letters, digits,
+  spaces and atext, quoted otherwise (`"Doe, John" <a@x>`), and `addr` alone
+  when there is no name; an item that is not one address (a group, junk) is
+  kept as written.  An address header with no address in it is left out, and
+  `sender` is a string (the first Sender address), as SES sends it.  The first
+  occurrence wins for the single-valued fields; `returnPath` is SES's own
+  `Return-Path` without `<>`.
 - `destination`: every address of every To and Cc header, in order, duplicates
   kept (SES: "a complete list of all recipient addresses").
 - Header bytes that are not UTF-8 are read as Latin-1 (per header), so every
@@ -65,6 +75,8 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
+from email.errors import HeaderParseError
+from email.header import decode_header
 from email.utils import format_datetime, getaddresses
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -86,6 +98,9 @@ if TYPE_CHECKING:
 SUBJECT = "Amazon SES Email Receipt Notification"
 HEADER_BLOCK_LIMIT = 1_048_576  # never hold more of a hostile header block than this
 HEADERS_LIMIT = 10 * 1024  # SES: headers are truncated "if larger than 10 KB"
+# Headers whose values SES shows with RFC 2047 encoded words decoded.
+_DECODED = frozenset({"subject", "from", "sender", "reply-to", "to", "cc", "bcc"})
+_ATEXT = frozenset("!#$%&'*+-/=?^_`{|}~ ")
 
 Header = tuple[str, str]
 
@@ -95,7 +110,7 @@ _ENCODINGS = MappingProxyType({"UTF-8": "UTF8", "UTF8": "UTF8", "BASE64": "BASE6
 _LIST_HEADERS = MappingProxyType(
     {"from": "from", "reply-to": "replyTo", "to": "to", "cc": "cc", "bcc": "bcc"})
 _TEXT_HEADERS = MappingProxyType(
-    {"date": "date", "message-id": "messageId", "subject": "subject", "sender": "sender"})
+    {"date": "date", "message-id": "messageId", "subject": "subject"})
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")  # RFC 5322 ftext
 # SES's order, as far as captured notifications show it (from, replyTo, date, to,
 # messageId, subject); sender, cc and bcc are placed where they read naturally.
@@ -325,7 +340,7 @@ class StoredCopy(io.RawIOBase):
 
 def mail_object(job: Job, headers: Sequence[Header], *, truncated: bool) -> dict[str, Any]:
     """SES's `mail`; `headers` is the whole stored copy's, `truncated` if reading was capped."""
-    kept, cut = _first_10kb(headers)
+    kept, cut = _first_10kb(decoded_headers(headers))
     return {
         "timestamp": job.received_at,
         "source": job.mail_from,
@@ -338,12 +353,43 @@ def mail_object(job: Job, headers: Sequence[Header], *, truncated: bool) -> dict
 
 
 def _first_10kb(headers: Sequence[Header]) -> tuple[Sequence[Header], bool]:
+    # SES counts names and values only: no ": ", no CRLF (docs/ses-evidence.md).
     total = 0
     for count, (name, value) in enumerate(headers):
-        total += len(name.encode("utf-8")) + len(value.encode("utf-8")) + 4  # ": " CRLF
+        total += len(name.encode("utf-8")) + len(value.encode("utf-8", "surrogatepass"))
         if total > HEADERS_LIMIT:
             return headers[:count], True
     return headers, False
+
+
+def decoded_headers(headers: Sequence[Header]) -> list[Header]:
+    """`mail.headers` values: encoded words decoded in the headers SES decodes."""
+    return [(name, decode_words(value) if name.lower() in _DECODED else value)
+            for name, value in headers]
+
+
+def decode_words(value: str) -> str:
+    """RFC 2047 encoded words decoded; the value as written if they cannot be.
+
+    Bytes that are not valid in the named charset become U+FFFD; a charset
+    Python does not know leaves the whole value as written.
+    """
+    if "=?" not in value:
+        return value
+    try:
+        parts = decode_header(value)
+        return "".join(_part(chunk, charset) for chunk, charset in parts)
+    except (LookupError, ValueError, HeaderParseError):
+        return value
+
+
+def _part(chunk: bytes | str, charset: str | None) -> str:
+    if isinstance(chunk, str):
+        return chunk
+    if charset is None or charset == "unknown-8bit":
+        # decode_header gives the text between encoded words back as bytes of the str
+        return chunk.decode("raw-unicode-escape")
+    return chunk.decode(charset.partition("*")[0], errors="replace")
 
 
 def destination(headers: Sequence[Header]) -> list[str]:
@@ -364,17 +410,52 @@ def _addresses(value: str) -> list[tuple[str, str]]:
 
 
 def common_headers(headers: Sequence[Header]) -> dict[str, Any]:
-    """SES's `commonHeaders`: only the fields whose header is present."""
+    """SES's `commonHeaders`: only the fields whose header is present and not empty."""
     found: dict[str, Any] = {}
     for name, value in headers:
         key = name.lower()
         if key == "return-path":
             found.setdefault("returnPath", _unbracket(value))
         elif key in _LIST_HEADERS:
-            found.setdefault(_LIST_HEADERS[key], []).extend(split_addresses(value))
+            items = [render_address(item) for item in split_addresses(value)]
+            if items:
+                found.setdefault(_LIST_HEADERS[key], []).extend(items)
+        elif key == "sender":
+            items = [render_address(item) for item in split_addresses(value)]
+            if items:
+                found.setdefault("sender", items[0])
         elif key in _TEXT_HEADERS:
-            found.setdefault(_TEXT_HEADERS[key], value)
+            found.setdefault(_TEXT_HEADERS[key], decode_words(value))
     return {key: found[key] for key in _COMMON_ORDER if key in found}
+
+
+def render_address(item: str) -> str:
+    """One address as SES writes it in `commonHeaders`: `Name <addr>`, or `addr`.
+
+    An item that does not parse as exactly one address is kept as written
+    (encoded words decoded).
+    """
+    pairs = _addresses(item)
+    if len(pairs) != 1 or not pairs[0][1] or _is_group(item):
+        return decode_words(item)
+    name, addr = pairs[0]
+    name = decode_words(name).strip()
+    if not name:
+        return addr
+    return f"{_phrase(name)} <{addr}>"
+
+
+def _is_group(item: str) -> bool:
+    """`Team: a@x;`: a colon before any quote or angle bracket starts a group."""
+    head = item.split("<", 1)[0].split('"', 1)[0]
+    return ":" in head
+
+
+def _phrase(name: str) -> str:
+    """A display name bare when it is letters, digits, spaces and atext; quoted otherwise."""
+    if all(ch.isalnum() or ch in _ATEXT for ch in name):
+        return name
+    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _unbracket(value: str) -> str:
