@@ -1,0 +1,3 @@
+module mxrules/sescheck
+
+go 1.19
