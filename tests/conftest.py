@@ -16,3 +16,7 @@ pytest_plugins = [
 # tests/package/ checks the installed Debian package; `./run test` runs it on its
 # own, under /usr/bin/python3, after building and installing the .deb.
 collect_ignore = [] if os.environ.get("MXRULES_INSTALLED") == "1" else ["package"]
+# tests/system/ boots a container with the .deb: `./run test` runs it after the
+# package stage; `./run test tests/system` runs it alone (a path named on the command
+# line is collected all the same).
+collect_ignore.append("system")
