@@ -32,15 +32,32 @@ class FunctionFailed(Exception):
 
 
 def disposition_of(answer: bytes) -> Disposition:
-    """SES's reading of a RequestResponse answer: only a known disposition stops."""
+    """SES's reading of a RequestResponse answer: only a known disposition stops.
+
+    The function has run by then, so no answer may make the action fail: a failure
+    would be retried, invoking the function again.  Whatever cannot be read (not
+    UTF-8, not JSON, nested past the parser's recursion limit...) is CONTINUE.
+    """
     try:
         data: Any = json.loads(answer.decode("utf-8")) if answer.strip() else None
-    except (UnicodeDecodeError, ValueError):
-        return "CONTINUE"
-    value = data.get("disposition") if isinstance(data, dict) else None
-    if isinstance(value, str) and value.upper() in ("STOP_RULE", "STOP_RULE_SET"):
-        return "STOP_RULE" if value.upper() == "STOP_RULE" else "STOP_RULE_SET"
+        value = data.get("disposition") if isinstance(data, dict) else None
+        if isinstance(value, str) and value.upper() in ("STOP_RULE", "STOP_RULE_SET"):
+            return "STOP_RULE" if value.upper() == "STOP_RULE" else "STOP_RULE_SET"
+    except Exception:  # RecursionError too: no answer is an error
+        pass
     return "CONTINUE"
+
+
+def _read_answer(reply: dict[str, Any]) -> bytes:
+    """The reply's payload; one that cannot be read after the call is an empty answer.
+
+    The invocation succeeded (or FunctionError says it did not): a failure while
+    reading the body must not turn into a retry that invokes the function again.
+    """
+    try:
+        return reply["Payload"].read() if reply.get("Payload") is not None else b""
+    except Exception:
+        return b""
 
 
 def run(ctx: ActionContext) -> Outcome:
@@ -56,7 +73,7 @@ def run(ctx: ActionContext) -> Outcome:
                                    f"{action.invocation_type} limit of {limit}")
     reply = ctx.clients.lambda_.invoke(FunctionName=action.function_arn,
                                        InvocationType=action.invocation_type, Payload=event)
-    answer = reply["Payload"].read() if reply.get("Payload") is not None else b""
+    answer = _read_answer(reply)
     if reply.get("FunctionError"):
         raise FunctionFailed(f"{action.function_arn} failed ({reply['FunctionError']}): "
                              f"{answer[:300]!r}")

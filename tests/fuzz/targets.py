@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry
 from mxrules import payload, ses
 from mxrules.actions import bounce
 from mxrules.actions.base import PermanentActionError
+from mxrules.actions.lambda_invoke import disposition_of
 from mxrules.config import load
 from mxrules.decision import Engine
 from mxrules.errors import ConfigError, CorruptJobError
@@ -910,6 +911,48 @@ def check_dkim_body(args: tuple[bytes, int]) -> None:
         assert b"".join(out) == algorithm.canonicalize_body(body), algorithm.name
 
 
+# A RequestResponse Lambda's reply (the function has run: no reply may fail the action).
+STOPS = ("STOP_RULE", "STOP_RULE_SET")
+
+
+def _meant(value: Any) -> str:
+    """What a shallow, parsed reply means (deep ones are built knowing it)."""
+    word = value.get("disposition") if isinstance(value, dict) else None
+    return word.upper() if isinstance(word, str) and word.upper() in STOPS else "CONTINUE"
+
+
+@st.composite
+def lambda_replies(draw: st.DrawFn) -> tuple[bytes, str | None]:
+    """(reply bytes, the disposition it means, or None when any disposition will do)."""
+    kind = draw(st.sampled_from(["known", "deep", "value", "bytes"]))
+    if kind == "known":
+        word = draw(st.sampled_from([*STOPS, "CONTINUE", "stop_rule", "Stop_Rule_Set", "STOP",
+                                     "", "STOP_RULE "]))
+        body = {**draw(st.dictionaries(nasty_text, json_values, max_size=3)),
+                "disposition": word}
+        return json.dumps(body).encode(), _meant(body)
+    if kind == "deep":
+        depth = draw(st.sampled_from([2, 999, 1000, 5000, 100_000]))
+        opener, closer = draw(st.sampled_from([(b"[", b"]"), (b'{"disposition":', b"}")]))
+        cut = draw(st.booleans())
+        # Nested two deep or more, the top-level disposition is never a string.
+        return opener * depth + b'"STOP_RULE"' + closer * (depth // 2 if cut else depth), \
+            "CONTINUE"
+    if kind == "value":
+        value = draw(json_values)
+        return json.dumps(value).encode(), _meant(value)
+    return draw(nasty_bytes), None
+
+
+def check_disposition(reply: tuple[bytes, str | None]) -> None:
+    raw, meant = reply
+    got = disposition_of(raw)
+    assert got in ("CONTINUE", *STOPS)
+    if meant is not None:
+        assert got == meant, (raw[:80], got, meant)
+    target_by_name["disposition"].note(got)
+
+
 TARGETS = [
     Target("headers", "payload.parse_headers -> commonHeaders, mail object, JSON",
            header_blocks() | nasty_bytes, check_headers, weight=1.5),
@@ -935,6 +978,8 @@ TARGETS = [
     Target("dkim_body", "DKIM header block and streamed body hash against dkimpy's",
            st.tuples(st.one_of(messages(), nasty_bytes, dkim_bodies), st.integers(1, 70)),
            check_dkim_body, weight=1.0),
+    Target("disposition", "a RequestResponse Lambda reply -> its disposition, never an error",
+           lambda_replies(), check_disposition, weight=1.0),
 ]
 target_by_name = {t.name: t for t in TARGETS}
 
