@@ -21,7 +21,9 @@ class RetryPolicy:
 
     def delay(self, attempts: int, rand: Callable[[], float] = random.random) -> float:
         """Seconds to wait after the `attempts`-th failure (1, 2, ...)."""
-        base = min(self.max_delay, self.initial_delay * 2.0 ** max(0, attempts - 1))
+        # The exponent is capped: past ~1024 failures (a long window, a short max_delay)
+        # 2.0 ** n would overflow, and the failure could not be recorded at all.
+        base = min(self.max_delay, self.initial_delay * 2.0 ** min(max(0, attempts - 1), 64))
         return base / 2 + rand() * base / 2
 
     def gives_up(self, first_failure: float, now: float, *, permanent: bool = False) -> bool:

@@ -203,6 +203,22 @@ class Runner:
                 log.info("job progress saved after waiting message_id=%s", job.message_id)
             return
 
+    def unexpected(self, claim: Claim, exc: Exception) -> str:
+        """Back off a job that raised outside its actions' own handling (a bug).
+
+        Without this its claim would simply end, leaving it in active/ for the next
+        look to take again at once: a busy loop for as long as the error lasts.  It
+        is recorded as a failure of its next action (the progress saved last) and
+        retried with backoff, then dead-lettered at the end of the retry window.
+        """
+        job = claim.job
+        p = job.progress
+        try:
+            kind = job.rules[p.rule].rule.actions[p.action].TYPE
+        except IndexError:
+            kind = "-"  # past its last action: it failed while finishing
+        return self._failed(claim, job, kind, exc)
+
     def _failed(self, claim: Claim, job: Job, kind: str, exc: Exception) -> str:
         p = job.progress
         now = self.clock()
@@ -211,14 +227,16 @@ class Runner:
         attempts = p.attempts + 1
         step = "notification" if p.phase == "notify" else "action"
         error = f"{kind} {step}: {reason}: {exc}"[:1000]
-        self.metrics.action_errors.labels(kind, reason).inc()
+        if kind != "-":
+            self.metrics.action_errors.labels(kind, reason).inc()
         permanent = isinstance(exc, PermanentActionError)
-        rule = job.rules[p.rule].rule.name
+        rule = job.rules[p.rule].rule.name if p.rule < len(job.rules) else "-"
         if self.policy.gives_up(first, now, permanent=permanent):
             job = with_progress(job, attempts=attempts, first_attempt_at=first, last_error=error)
             self._save(claim, job)
             claim.move("failed")
-            self.metrics.actions.labels(kind, "failed").inc()
+            if kind != "-":
+                self.metrics.actions.labels(kind, "failed").inc()
             self.metrics.jobs.labels("dead_lettered").inc()
             self.metrics.dead_letters.inc()
             log.error("job dead-lettered %s (mxrules spool requeue %s)", kv(
@@ -230,7 +248,8 @@ class Runner:
                             next_due=now + delay)
         self._save(claim, job)
         claim.move("deferred")
-        self.metrics.actions.labels(kind, "retry").inc()
+        if kind != "-":
+            self.metrics.actions.labels(kind, "retry").inc()
         log.warning("action failed, will retry %s", kv(
             message_id=job.message_id, queue_id=job.queue_id, rule=rule, action=p.action + 1,
             type=kind, reason=reason, attempts=attempts, retry_in=f"{delay:.1f}s", error=error))

@@ -112,15 +112,34 @@ class Worker:
         self.generation = 0  # bumped by each successful reload
         # DSN counts for the rate limits: the process's, kept across reloads.
         self.bounce_limiter = BounceLimiter()
+        # Jobs this process leaves alone until a time.monotonic(): those an error
+        # could not even be recorded for (see _back_off).
+        self._held_off: dict[str, float] = {}
+        self._claim_errors: dict[str, str] = {}  # job id -> the last claim error logged
 
     # -- finding work ---------------------------------------------------------
     def _try(self, state: str, job_id: str) -> Claim | None:
+        with self._lock:
+            until = self._held_off.get(job_id)
+            if until is not None and until > time.monotonic():
+                return None
+            self._held_off.pop(job_id, None)
         try:
-            return self.spool.claim(state, job_id)
+            claim = self.spool.claim(state, job_id)
         except CorruptJobError as exc:
             self.metrics.jobs.labels("corrupt").inc()
             log.error("job moved to corrupt/: %s", exc)
             return None
+        except SpoolError as exc:
+            # One job that cannot be claimed (a lock it may not open) must not stop
+            # the look at the others; logged again only when its error changes.
+            if self._claim_errors.get(job_id) != str(exc):
+                self._claim_errors[job_id] = str(exc)
+                log.error("cannot claim job %s in %s/, left where it is: %s",
+                          job_id, state, exc)
+            return None
+        self._claim_errors.pop(job_id, None)
+        return claim
 
     def _next_due(self, job_id: str) -> float:
         """A deferred job's retry time, read again only when its job.json changed."""
@@ -274,10 +293,35 @@ class Worker:
                 runner.run(claim)
             except SpoolError as exc:
                 log.error("spool error while working on %s: %s", claim.job_id, exc)
-            except Exception:
+                self._hold_off(claim)
+            except Exception as exc:
                 log.exception("unexpected error in %s on job %s", name, claim.job_id)
+                self._back_off(runner, claim, exc)
             finally:
                 claim.release()
+
+    def _back_off(self, runner: Runner, claim: Claim, exc: Exception) -> None:
+        """A job that raised outside its actions' handling waits, as a failed action does."""
+        if claim.fd < 0:
+            return  # it had already left active/ (done, deferred, failed)
+        try:
+            runner.unexpected(claim, exc)
+        except Exception:
+            log.exception("cannot record the error of job %s", claim.job_id)
+            self._hold_off(claim)
+
+    def _hold_off(self, claim: Claim) -> None:
+        """Leave a job this process could not record anything for alone for a while.
+
+        It stays in active/, where the next look would take it again at once.
+        """
+        if claim.fd < 0:
+            return
+        delay = self.policy.max_delay
+        log.error("job %s left in active/; this worker tries it again in %.0fs",
+                  claim.job_id, delay)
+        with self._lock:
+            self._held_off[claim.job_id] = time.monotonic() + delay
 
     def run_threads(self, once: bool = False) -> None:
         threads = [threading.Thread(target=self.work, args=(f"worker-{i}", once),

@@ -23,20 +23,24 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
+import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shutil
+import stat
 import threading
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, BinaryIO
 
 from .errors import CorruptJobError, SpoolError
 from .ids import is_message_id
-from .rules import Rule
+from .rules import ACTION_TYPES, Rule
 
 JOB_VERSION = 1
 STATES = ("incoming", "active", "deferred", "failed", "corrupt")
@@ -127,6 +131,8 @@ class Job:
             return _from_json(body)
         except CorruptJobError:
             raise
+        except _Shape as exc:
+            raise CorruptJobError(job_id, f"cannot decode job.json: {exc}") from None
         # RecursionError: `[[[[...` exceeds the JSON parser's recursion limit.
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise CorruptJobError(job_id, f"cannot decode job.json: {exc!r}") from None
@@ -141,29 +147,163 @@ def _to_json(job: Job) -> dict[str, Any]:
     return out
 
 
+class _Shape(ValueError):
+    """A job.json field of the wrong type or out of range, under a checksum that matches.
+
+    The checksum only says the file is as some writer left it; the worker then
+    indexes, compares and does arithmetic with these values, so each is checked
+    here, where a bad one sends the job to corrupt/ with its cause, and never
+    later, where it would fail outside any per-action handling.
+    """
+
+
+def _brief(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _Shape(f"{where}: expected an object, not {_brief(value)}")
+    return value
+
+
+def _text(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise _Shape(f"{where}: expected a string, not {_brief(value)}")
+    return value
+
+
+def _texts(value: Any, where: str) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise _Shape(f"{where}: expected a list, not {_brief(value)}")
+    return tuple(_text(v, f"{where}[{i}]") for i, v in enumerate(value))
+
+
+def _pairs(value: Any, where: str) -> tuple[tuple[str, str], ...]:
+    """A list of [name, value] string pairs (header fields)."""
+    if not isinstance(value, list):
+        raise _Shape(f"{where}: expected a list, not {_brief(value)}")
+    pairs = []
+    for i, pair in enumerate(value):
+        if not (isinstance(pair, list) and len(pair) == 2):
+            raise _Shape(f"{where}[{i}]: expected a [name, value] pair, not {_brief(pair)}")
+        name, text = _texts(pair, f"{where}[{i}]")
+        pairs.append((name, text))
+    return tuple(pairs)
+
+
+def _count(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**53:
+        raise _Shape(f"{where}: expected an integer >= 0, not {_brief(value)}")
+    return value
+
+
+def _time(value: Any, where: str) -> float:
+    # NaN would never compare as due: the job would wait in deferred/ forever.
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2**53:
+        return value
+    if not isinstance(value, float) or not math.isfinite(value):
+        raise _Shape(f"{where}: expected a finite number, not {_brief(value)}")
+    return value
+
+
+def _choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise _Shape(f"{where}: expected one of {', '.join(map(repr, choices))}, "
+                     f"not {_brief(value)}")
+    return value
+
+
+def _check_action(item: Any, where: str) -> None:
+    """An action as Rule.from_config reads it: `{key: {field: string}}`."""
+    item = _object(item, where)
+    if len(item) != 1 or next(iter(item)) not in ACTION_TYPES:
+        raise _Shape(f"{where}: expected one of the action keys, not {_brief(list(item))}")
+    ((key, body),) = item.items()
+    fields = {f.name: f for f in dataclasses.fields(ACTION_TYPES[key])}
+    for name, value in _object(body or {}, f"{where}.{key}").items():
+        if name not in fields:
+            raise _Shape(f"{where}.{key}: unknown field {_brief(name)}")
+        if not (value is None and fields[name].default is None):
+            _text(value, f"{where}.{key}.{name}")
+
+
+def _rule(raw: Any, where: str) -> Rule:
+    rule = _object(raw, where)
+    _text(rule.get("name"), f"{where}.name")
+    _texts(rule.get("recipients") or [], f"{where}.recipients")
+    _choice(rule.get("tls_policy", "Optional"), f"{where}.tls_policy", ("Require", "Optional"))
+    actions = rule.get("actions") or []
+    if not isinstance(actions, list):
+        raise _Shape(f"{where}.actions: expected a list, not {_brief(actions)}")
+    for i, action in enumerate(actions):
+        _check_action(action, f"{where}.actions[{i}]")
+    return Rule.from_config(rule)
+
+
+def _matched(raw: Any, where: str) -> MatchedRule:
+    m = _object(raw, where)
+    return MatchedRule(_rule(m.get("rule"), f"{where}.rule"),
+                       _texts(m.get("recipients"), f"{where}.recipients"))
+
+
+def _progress(raw: Any, rules: tuple[MatchedRule, ...]) -> Progress:
+    p = _object({} if raw is None else raw, "progress")
+    unknown = set(p) - {f.name for f in dataclasses.fields(Progress)}
+    if unknown:
+        raise _Shape(f"progress: unknown field {_brief(sorted(unknown)[0])}")
+    first = p.get("first_attempt_at")
+    progress = Progress(
+        rule=_count(p.get("rule", 0), "progress.rule"),
+        action=_count(p.get("action", 0), "progress.action"),
+        attempts=_count(p.get("attempts", 0), "progress.attempts"),
+        first_attempt_at=None if first is None else _time(first, "progress.first_attempt_at"),
+        next_due=_time(p.get("next_due", 0.0), "progress.next_due"),
+        last_error=_text(p.get("last_error", ""), "progress.last_error"),
+        stopped=_choice(p.get("stopped", ""), "progress.stopped", ("", "rule_set")),
+        done=_texts(p.get("done", []), "progress.done"),
+        added_headers=_pairs(p.get("added_headers", []), "progress.added_headers"),
+        phase=_choice(p.get("phase", "action"), "progress.phase", ("action", "notify")),
+        disposition=_choice(p.get("disposition", ""), "progress.disposition",
+                            ("", "CONTINUE", "STOP_RULE", "STOP_RULE_SET")),
+    )
+    if progress.phase == "notify" and not progress.stopped:
+        # Only an action with a topic_arn has a notification left to send.
+        actions = rules[progress.rule].rule.actions if progress.rule < len(rules) else ()
+        if progress.action >= len(actions) or not actions[progress.action].topic_arn:
+            raise _Shape("progress.phase: 'notify' for an action without a topic_arn")
+    return progress
+
+
 def _from_json(body: dict[str, Any]) -> Job:
-    progress = body.get("progress") or {}
+    body = _object(body, "job")
+    client = _object(body.get("client"), "client")
+    for name, value in client.items():
+        _text(value, f"client.{name}")
+    verdicts = _object(body.get("verdicts", {}), "verdicts")
+    for name, value in verdicts.items():
+        _text(value, f"verdicts.{name}")
+    raw_rules = body.get("rules")
+    if not isinstance(raw_rules, list):
+        raise _Shape(f"rules: expected a list, not {_brief(raw_rules)}")
+    rules = tuple(_matched(m, f"rules[{i}]") for i, m in enumerate(raw_rules))
     return Job(
-        message_id=body["message_id"],
-        queue_id=body["queue_id"],
-        received_at=body["received_at"],
-        rule_set=body["rule_set"],
-        mail_from=body["mail_from"],
-        recipients=tuple(body["recipients"]),
-        client=Client(**body["client"]),
-        rules=tuple(MatchedRule(Rule.from_config(m["rule"]), tuple(m["recipients"]))
-                    for m in body["rules"]),
-        in_stream_headers=tuple((n, v) for n, v in body["in_stream_headers"]),
-        hostname=body["hostname"],
-        message_size=body["message_size"],
-        message_sha256=body["message_sha256"],
-        verdicts=dict(body.get("verdicts") or {}),
-        auth_headers=tuple((n, v) for n, v in body.get("auth_headers", ())),
-        progress=Progress(**{
-            **progress,
-            "done": tuple(progress.get("done", ())),
-            "added_headers": tuple((n, v) for n, v in progress.get("added_headers", ())),
-        }),
+        message_id=_text(body.get("message_id"), "message_id"),
+        queue_id=_text(body.get("queue_id"), "queue_id"),
+        received_at=_text(body.get("received_at"), "received_at"),
+        rule_set=_text(body.get("rule_set"), "rule_set"),
+        mail_from=_text(body.get("mail_from"), "mail_from"),
+        recipients=_texts(body.get("recipients"), "recipients"),
+        client=Client(**client),
+        rules=rules,
+        in_stream_headers=_pairs(body.get("in_stream_headers"), "in_stream_headers"),
+        hostname=_text(body.get("hostname"), "hostname"),
+        message_size=_count(body.get("message_size"), "message_size"),
+        message_sha256=_text(body.get("message_sha256"), "message_sha256"),
+        verdicts=dict(verdicts),
+        auth_headers=_pairs(body.get("auth_headers", []), "auth_headers"),
+        progress=_progress(body.get("progress"), rules),
         version=body["version"],
     )
 
@@ -181,6 +321,42 @@ def _remove_job_dir(path: str) -> None:
         os.rmdir(path)
     except OSError:
         shutil.rmtree(path, ignore_errors=True)
+
+
+# Spool files are never opened through a symbolic link.  The spool belongs to the
+# mxrules user; a link planted there must not lead a process with other rights
+# (root running `mxrules spool`, before it switches to the spool's owner) to
+# read or write a file elsewhere.  O_NONBLOCK: a FIFO planted as job.json must
+# not hang its reader (it is then refused as not a regular file).
+_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _create(path: str) -> BinaryIO:
+    """A new file at `path` for writing; whatever is there already (a link too) is refused."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666)
+    return os.fdopen(fd, "wb")
+
+
+def _read_job_file(path: str, job_id: str) -> bytes:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW)
+    except FileNotFoundError:
+        raise CorruptJobError(job_id, "job.json is missing") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise CorruptJobError(job_id, "job.json is a symbolic link") from None
+        raise SpoolError(f"cannot read job {job_id}: {exc}") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CorruptJobError(job_id, "job.json is not a regular file")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise SpoolError(f"cannot read job {job_id}: {exc}") from exc
+    finally:
+        os.close(fd)
 
 
 def _fsync_dir(path: str) -> None:
@@ -248,7 +424,7 @@ class JobWriter:
         self._hash = hashlib.sha256()
         os.mkdir(self.dir, 0o700)
         try:
-            self._fh = open(os.path.join(self.dir, MESSAGE), "xb")  # noqa: SIM115
+            self._fh = _create(os.path.join(self.dir, MESSAGE))
         except OSError:
             shutil.rmtree(self.dir, ignore_errors=True)
             raise
@@ -282,7 +458,7 @@ class JobWriter:
             os.fsync(self._fh.fileno())
             self._fh.close()
             meta = os.path.join(self.dir, META)
-            with open(meta, "xb") as fh:
+            with _create(meta) as fh:
                 fh.write(job.encode())
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -382,14 +558,12 @@ class Spool:
         return None
 
     def load(self, state: str, job_id: str) -> Job:
-        try:
-            with open(os.path.join(self.path(state, job_id), META), "rb") as fh:
-                raw = fh.read()
-        except FileNotFoundError:
-            raise CorruptJobError(job_id, "job.json is missing") from None
-        except OSError as exc:
-            raise SpoolError(f"cannot read job {job_id} in {self.root}: {exc}") from exc
-        return Job.decode(raw, job_id)
+        raw = _read_job_file(os.path.join(self.path(state, job_id), META), job_id)
+        job = Job.decode(raw, job_id)
+        if job.message_id != job_id:
+            # The worker saves progress by the job's own id: it must be its directory's.
+            raise CorruptJobError(job_id, f"job.json is for message {job.message_id!r}")
+        return job
 
     def message_path(self, state: str, job_id: str) -> str:
         return os.path.join(self.path(state, job_id), MESSAGE)
@@ -438,10 +612,10 @@ class Spool:
         """
         directory = self.path(state, job_id)
         try:
-            fd = os.open(os.path.join(directory, LOCK), os.O_RDWR | os.O_CREAT, 0o600)
+            fd = os.open(os.path.join(directory, LOCK), os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
         except (FileNotFoundError, NotADirectoryError):
             return None  # taken and finished or moved by another worker meanwhile
-        except OSError as exc:
+        except OSError as exc:  # ELOOP: a link planted as the lock; EACCES: not the owner's
             raise SpoolError(f"cannot open lock of job {job_id}: {exc}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -465,6 +639,9 @@ class Spool:
             finally:
                 os.close(fd)
             raise
+        except BaseException:
+            os.close(fd)  # not held by an error: the next look tries again
+            raise
         return Claim(self, job_id, fd, job)
 
     def move(self, job_id: str, src: str, dst: str) -> None:
@@ -475,7 +652,9 @@ class Spool:
         """Replace a job's job.json atomically (write, fsync, rename, fsync dir)."""
         directory = self.path(state, job.message_id)
         tmp = os.path.join(directory, META + ".tmp")
-        with open(tmp, "wb") as fh:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)  # left by a crash, or planted: replaced, never written through
+        with _create(tmp) as fh:
             fh.write(job.encode())
             fh.flush()
             os.fsync(fh.fileno())
@@ -492,8 +671,12 @@ class Spool:
         if claim is None:
             raise SpoolError(f"job {job_id} is held by a worker")
         job = with_progress(claim.job, attempts=0, first_attempt_at=None, next_due=0.0)
-        claim.save(job)
-        claim.move("incoming")
+        try:
+            claim.save(job)
+            claim.move("incoming")
+        except OSError as exc:
+            claim.release()
+            raise SpoolError(f"cannot requeue job {job_id}: {exc}") from exc
         return job
 
     def delete(self, job_id: str) -> str:
@@ -501,13 +684,16 @@ class Spool:
         state = self.find(job_id)
         if state is None:
             raise SpoolError(f"no job {job_id} in the spool")
-        if state != "corrupt":
-            claim = self.claim(state, job_id)
-            if claim is None:
-                raise SpoolError(f"job {job_id} is held by a worker")
-            claim.finish()
-        else:
-            shutil.rmtree(self.path(state, job_id))
+        try:
+            if state != "corrupt":
+                claim = self.claim(state, job_id)
+                if claim is None:
+                    raise SpoolError(f"job {job_id} is held by a worker")
+                claim.finish()
+            else:
+                shutil.rmtree(self.path(state, job_id))
+        except OSError as exc:
+            raise SpoolError(f"cannot delete job {job_id}: {exc}") from exc
         return state
 
 

@@ -39,6 +39,7 @@ from mxrules import payload, ses
 from mxrules.actions import bounce
 from mxrules.actions.base import PermanentActionError
 from mxrules.actions.lambda_invoke import disposition_of
+from mxrules.actions.runner import complete
 from mxrules.config import load
 from mxrules.decision import Engine
 from mxrules.errors import ConfigError, CorruptJobError
@@ -57,6 +58,7 @@ from mxrules.rules import (
 )
 from mxrules.scan.dkim_body import BodyCanon, read_head
 from mxrules.spool import Client, Job, MatchedRule, Spool
+from mxrules.spool_cli import row
 
 TIME_BOUND = 10.0  # seconds one input may take; generous, so a loaded host passes
 
@@ -685,6 +687,9 @@ def check_job(raw: bytes) -> None:
         if json.loads(raw.decode("utf-8", "surrogatepass")).get("sha256") == json.loads(
                 GOOD_RAW).get("sha256"):
             assert job == GOOD_JOB  # the checksum vouches for the original
+        # What the worker and `spool list` compute from a decoded job cannot fail.
+        complete(job)
+        row("incoming", GOOD_JOB.message_id, job, 0.0)
     spool = Spool(os.path.join(scratch(), "spool"))
     spool.ensure()
     job_id = GOOD_JOB.message_id

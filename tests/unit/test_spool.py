@@ -154,6 +154,100 @@ def test_missing_field_with_a_good_checksum() -> None:
         Job.decode(_reseal(body), "j")
 
 
+def _set(body: dict, path: str, value: object) -> None:
+    """Set `a.b[0].c` in a job body; the value `DELETE` removes the key."""
+    keys: list[str | int] = []
+    for part in path.replace("]", "").replace("[", ".").split("."):
+        keys.append(int(part) if part.isdigit() else part)
+    parent = body
+    for key in keys[:-1]:
+        parent = parent[key]
+    if value is DELETE:
+        del parent[keys[-1]]
+    else:
+        parent[keys[-1]] = value
+
+
+DELETE = object()
+
+
+@pytest.mark.parametrize(("path", "value", "cause"), [
+    pytest.param("progress.rule", "0", "progress.rule: expected an integer >= 0, not '0'",
+                 id="rule-a-string"),
+    pytest.param("progress.rule", -1, "progress.rule: expected an integer >= 0",
+                 id="rule-negative"),
+    pytest.param("progress.action", 1.0, "progress.action: expected an integer",
+                 id="action-float"),
+    pytest.param("progress.attempts", True, "progress.attempts: expected an integer",
+                 id="attempts-bool"),
+    pytest.param("progress.attempts", 10**400, "progress.attempts: expected an integer",
+                 id="attempts-huge"),
+    pytest.param("progress.next_due", float("nan"), "progress.next_due: expected a finite number",
+                 id="next-due-nan"),
+    pytest.param("progress.first_attempt_at", float("inf"),
+                 "progress.first_attempt_at: expected a finite number", id="first-attempt-inf"),
+    pytest.param("progress.next_due", "soon", "progress.next_due: expected a finite number",
+                 id="next-due-string"),
+    pytest.param("progress.last_error", None, "progress.last_error: expected a string",
+                 id="last-error-null"),
+    pytest.param("progress.stopped", "rule", "progress.stopped: expected one of",
+                 id="stopped-unknown"),
+    pytest.param("progress.phase", "notify",
+                 "progress.phase: 'notify' for an action without a topic_arn",
+                 id="notify-without-topic"),
+    pytest.param("progress.disposition", ["STOP_RULE"], "progress.disposition: expected one of",
+                 id="disposition-list"),
+    pytest.param("progress.done", "S3 ok", "progress.done: expected a list", id="done-a-string"),
+    pytest.param("progress.added_headers", [["X-A"]], "progress.added_headers[0]: expected a "
+                 "[name, value] pair", id="added-header-half"),
+    pytest.param("progress.surprise", 1, "progress: unknown field 'surprise'",
+                 id="progress-unknown-field"),
+    pytest.param("progress", [], "progress: expected an object", id="progress-a-list"),
+    pytest.param("message_size", "12", "message_size: expected an integer", id="size-a-string"),
+    pytest.param("recipients", "a@example.com", "recipients: expected a list",
+                 id="recipients-a-string"),
+    pytest.param("recipients.0", 7, "recipients[0]: expected a string", id="recipient-a-number"),
+    pytest.param("client.helo", 1, "client.helo: expected a string", id="helo-a-number"),
+    pytest.param("verdicts.spam", False, "verdicts.spam: expected a string", id="verdict-bool"),
+    pytest.param("in_stream_headers.0", ["X-Rule", 1], "in_stream_headers[0][1]: expected a "
+                 "string", id="header-value-a-number"),
+    pytest.param("rules", {}, "rules: expected a list", id="rules-an-object"),
+    pytest.param("rules.0.rule.name", None, "rules[0].rule.name: expected a string",
+                 id="rule-name-null"),
+    pytest.param("rules.0.rule.tls_policy", "Maybe", "rules[0].rule.tls_policy: expected one of",
+                 id="tls-policy-unknown"),
+    pytest.param("rules.0.rule.actions.1.s3.bucket_name", ["b"],
+                 "rules[0].rule.actions[1].s3.bucket_name: expected a string",
+                 id="bucket-a-list"),
+    pytest.param("rules.0.rule.actions.1", {"ftp": {}},
+                 "rules[0].rule.actions[1]: expected one of the action keys", id="action-unknown"),
+    pytest.param("rules.0.rule.actions.1.s3.region", "x",
+                 "rules[0].rule.actions[1].s3: unknown field 'region'", id="action-field-unknown"),
+])
+def test_wrong_type_with_a_good_checksum_is_corrupt_with_its_cause(path: str, value: object,
+                                                                    cause: str) -> None:
+    body = json.loads(_job().encode())["job"]
+    _set(body, path, value)
+    with pytest.raises(CorruptJobError) as info:
+        Job.decode(_reseal(body), "j")
+    assert info.value.cause.startswith("cannot decode job.json: " + cause), info.value.cause
+
+
+@pytest.mark.parametrize(("path", "value"), [
+    pytest.param("progress.first_attempt_at", None, id="no-first-attempt"),
+    pytest.param("progress.next_due", 12, id="integral-next-due"),
+    pytest.param("rules.0.rule.actions.1.s3.kms_key_arn", None, id="optional-field-null"),
+    pytest.param("progress.phase", "notify", id="notify-with-topic"),
+    pytest.param("progress", DELETE, id="no-progress"),
+])
+def test_well_typed_variants_still_decode(path: str, value: object) -> None:
+    body = json.loads(_job().encode())["job"]
+    if path == "progress.phase":
+        _set(body, "progress.action", 3)  # the StopAction, which has a topic_arn
+    _set(body, path, value)
+    Job.decode(_reseal(body), "j")
+
+
 def test_corrupt_job_error_is_a_spool_error() -> None:
     assert issubclass(CorruptJobError, SpoolError)
     assert issubclass(SpoolError, MxrulesError)
@@ -288,6 +382,90 @@ def test_load_of_damaged_or_missing_job_json(tmp_path) -> None:
     assert isinstance(results.pop(good), Job)
     assert set(results) == {flipped, cut, empty}
     assert all(isinstance(r, CorruptJobError) for r in results.values())
+
+
+def _committed(spool: Spool, message_id: str | None = None) -> str:
+    message_id = message_id or new_message_id()
+    writer = spool.new_job(message_id)
+    writer.write(b"m")
+    writer.commit(_job(message_id, b"m"))
+    return message_id
+
+
+def _as_directory(meta: str) -> None:
+    os.unlink(meta)
+    os.mkdir(meta)
+
+
+def _as_link(meta: str) -> None:
+    os.rename(meta, meta + ".real")
+    os.symlink(meta + ".real", meta)
+
+
+def _as_fifo(meta: str) -> None:
+    os.unlink(meta)
+    os.mkfifo(meta)
+
+
+@pytest.mark.parametrize(("damage", "cause"), [
+    pytest.param(_as_directory, "job.json is not a regular file", id="directory"),
+    pytest.param(_as_link, "job.json is a symbolic link", id="symlink"),
+    pytest.param(_as_fifo, "job.json is not a regular file", id="fifo-never-blocks"),
+])
+def test_job_json_that_is_not_a_file_is_corrupt_and_moved_aside(tmp_path, damage,
+                                                                 cause: str) -> None:
+    spool = Spool(str(tmp_path))
+    message_id = _committed(spool)
+    damage(os.path.join(spool.path("incoming", message_id), "job.json"))
+    with pytest.raises(CorruptJobError) as info:
+        spool.load("incoming", message_id)
+    assert info.value.cause == cause
+    with pytest.raises(CorruptJobError):
+        spool.claim("incoming", message_id)
+    assert spool.find(message_id) == "corrupt"
+
+
+def test_job_json_of_another_message_is_corrupt(tmp_path) -> None:
+    spool = Spool(str(tmp_path))
+    mine, other = _committed(spool), new_message_id()
+    meta = os.path.join(spool.path("incoming", mine), "job.json")
+    with open(meta, "wb") as fh:
+        fh.write(_job(other).encode())
+    with pytest.raises(CorruptJobError) as info:
+        spool.load("incoming", mine)
+    assert info.value.cause == f"job.json is for message {other!r}"
+
+
+def test_save_replaces_a_link_planted_at_its_temporary_file(tmp_path) -> None:
+    spool = Spool(str(tmp_path / "spool"))
+    message_id = _committed(spool)
+    victim = tmp_path / "victim"
+    victim.write_text("not the spool's\n")
+    directory = spool.path("incoming", message_id)
+    os.symlink(victim, os.path.join(directory, "job.json.tmp"))
+    claim = spool.claim("incoming", message_id)
+    assert claim is not None
+    claim.save(with_progress(claim.job, attempts=1))
+    claim.release()
+    assert victim.read_text() == "not the spool's\n"
+    meta = os.path.join(spool.path("active", message_id), "job.json")
+    assert not os.path.islink(meta)
+    assert spool.load("active", message_id).progress.attempts == 1
+
+
+def test_a_link_planted_as_the_lock_is_refused_and_nothing_is_held(tmp_path) -> None:
+    spool = Spool(str(tmp_path / "spool"))
+    message_id = _committed(spool)
+    target = tmp_path / "elsewhere"
+    lock = os.path.join(spool.path("incoming", message_id), "lock")
+    os.symlink(target, lock)
+    with pytest.raises(SpoolError, match="cannot open lock"):
+        spool.claim("incoming", message_id)
+    assert not target.exists()  # not created through the link
+    os.unlink(lock)
+    claim = spool.claim("incoming", message_id)
+    assert claim is not None
+    claim.release()
 
 
 def test_ids_lists_only_message_ids_in_order(tmp_path) -> None:
