@@ -161,7 +161,9 @@ def cmd_spool(args: argparse.Namespace) -> int:
     from . import spool_cli
     from .spool import Spool
 
-    spool = Spool(_load(args).spool_directory)
+    directory = _load(args).spool_directory
+    spool_cli.become_owner(directory)  # before the spool is touched
+    spool = Spool(directory)
     what = args.spool_command
     if what == "list":
         print(spool_cli.list_jobs(spool, args.state or spool_cli.ALL_STATES, args.json))

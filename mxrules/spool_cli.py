@@ -3,11 +3,48 @@
 from __future__ import annotations
 
 import json
+import os
+import pwd
 import time
 from typing import Any
 
 from .errors import CorruptJobError, SpoolError
 from .spool import STATES, Job, Spool, message_time
+
+
+def become_owner(root: str) -> None:
+    """Run as the spool's owner (the mxrules user) when started as root.
+
+    Root acting in the spool directly would follow what that user planted there
+    (a link where a file is written next) and would leave files behind that the
+    worker, which runs as that user, cannot open (a job's lock: the job would
+    never run again).  As the owner, a command can do nothing the owner could not.
+    """
+    if os.geteuid() != 0:
+        return
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        return  # no spool: nothing will be touched
+    except OSError as exc:
+        raise SpoolError(f"cannot use the spool {root}: {exc.strerror}") from None
+    if st.st_uid == 0:
+        return  # root's own spool
+    try:
+        user = pwd.getpwuid(st.st_uid)
+    except KeyError:
+        user = None
+    try:
+        if user is None:
+            os.setgroups([])
+            os.setgid(st.st_gid)
+        else:
+            os.initgroups(user.pw_name, user.pw_gid)
+            os.setgid(user.pw_gid)
+        os.setuid(st.st_uid)
+    except OSError as exc:
+        raise SpoolError(f"cannot switch to the owner of {root} (uid {st.st_uid}): "
+                         f"{exc.strerror}; run the command as that user") from None
 
 
 def _age(seconds: float) -> str:

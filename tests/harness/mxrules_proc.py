@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from .ports import wait_listening
 
@@ -22,11 +24,14 @@ class MxrulesProcess:
     command = "milter"
 
     def __init__(self, config_path: Path, port: int, log_path: Path,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, user: str | None = None) -> None:
         self.config_path = config_path
         self.port = port
         self.log_path = log_path
         self.env = env or {}
+        # Run as this user (and its group, no others), as the packaged units do with
+        # User=mxrules; None: as the test runner.
+        self.user = user
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -34,11 +39,16 @@ class MxrulesProcess:
         return f"inet:127.0.0.1:{self.port}"
 
     def spawn(self) -> None:
+        as_user: dict[str, Any] = {}
+        if self.user is not None:
+            entry = pwd.getpwnam(self.user)
+            as_user = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [MXRULES, self.command, "--config", str(self.config_path)],
                 stdout=log, stderr=log,
                 env={**os.environ, "PYTHONSAFEPATH": "1", **self.env},
+                **as_user,
             )
 
     def start(self, timeout: float = 20) -> None:
