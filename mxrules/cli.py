@@ -36,6 +36,7 @@ from . import ses
 from .decision import Engine
 from .errors import EX_CONFIG, EX_DATAERR, EX_USAGE, ConfigError, SpoolError
 from .explain import Transaction, explain, render
+from .terminal import printable, printable_values
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -105,6 +106,14 @@ def _parser() -> argparse.ArgumentParser:
     return top
 
 
+def _say(text: str, *, err: bool = False, end: str = "\n") -> None:
+    """Print for an operator: every control character but the line breaks escaped.
+
+    All output goes through here: much of it comes from mail or from files.
+    """
+    print(printable(text, keep="\n"), end=end, file=sys.stderr if err else sys.stdout)
+
+
 def _load(args: argparse.Namespace) -> config_mod.Config:
     return config_mod.load(getattr(args, "config", config_mod.DEFAULT_PATH))
 
@@ -112,11 +121,11 @@ def _load(args: argparse.Namespace) -> config_mod.Config:
 def cmd_check_config(args: argparse.Namespace) -> int:
     cfg = _load(args)
     sets = ", ".join(f"{n} ({len(rs.rules)} rules)" for n, rs in cfg.rule_sets.items()) or "none"
-    print(f"{cfg.path}: ok")
-    print(f"  rule sets: {sets}; active: {cfg.active_rule_set or 'none'}")
-    print(f"  managed domains: {', '.join(cfg.domains) or 'none'}")
-    print(f"  ip filters: {len(cfg.ip_filters)}; blocklist entries: {len(cfg.blocklist)}")
-    print(f"  delivery: {cfg.delivery}; spool: {cfg.spool_directory}")
+    _say(f"{cfg.path}: ok\n"
+         f"  rule sets: {sets}; active: {cfg.active_rule_set or 'none'}\n"
+         f"  managed domains: {', '.join(cfg.domains) or 'none'}\n"
+         f"  ip filters: {len(cfg.ip_filters)}; blocklist entries: {len(cfg.blocklist)}\n"
+         f"  delivery: {cfg.delivery}; spool: {cfg.spool_directory}")
     return 0
 
 
@@ -127,9 +136,9 @@ def cmd_explain(args: argparse.Namespace) -> int:
     try:
         result = explain(engine, tx)
     except ValueError as exc:
-        print(f"mxrules explain: {exc}", file=sys.stderr)
+        _say(f"mxrules explain: {exc}", err=True)
         return EX_USAGE
-    print(json.dumps(result, indent=2) if args.json else render(result))
+    _say(json.dumps(result, indent=2) if args.json else render(printable_values(result)))
     return 0
 
 
@@ -147,13 +156,17 @@ def import_ses(rule_set_path: str, filters_path: str | None) -> str:
         refs["ip_filter_file"] = os.path.abspath(filters_path)
     config_mod.load("import-ses.yaml", yaml.safe_dump(refs))
     text = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True, width=100)
+    if printable(text, keep="\n") != text:
+        # YAML writes some controls raw (NEL, the bidirectional ones): then every
+        # non-ASCII character is written as a YAML escape, which reads the same.
+        text = yaml.safe_dump(doc, sort_keys=False, allow_unicode=False, width=100)
     config_mod.load("import-ses.yaml", text)
     sources = rule_set_path + (f" and {filters_path}" if filters_path else "")
-    return f"# mxrules rules converted from the SES export {sources}\n{text}"
+    return f"# mxrules rules converted from the SES export {printable(sources)}\n{text}"
 
 
 def cmd_import_ses(args: argparse.Namespace) -> int:
-    sys.stdout.write(import_ses(args.rule_set, args.filters))
+    _say(import_ses(args.rule_set, args.filters), end="")
     return 0
 
 
@@ -166,19 +179,19 @@ def cmd_spool(args: argparse.Namespace) -> int:
     spool = Spool(directory)
     what = args.spool_command
     if what == "list":
-        print(spool_cli.list_jobs(spool, args.state or spool_cli.ALL_STATES, args.json))
+        _say(spool_cli.list_jobs(spool, args.state or spool_cli.ALL_STATES, args.json))
     elif what == "show":
-        print(spool_cli.show_job(spool, args.id, args.json))
+        _say(spool_cli.show_job(spool, args.id, args.json))
     elif what == "requeue":
         if not args.id and not args.all_failed:
-            print("mxrules spool requeue: give job ids or --all-failed", file=sys.stderr)
+            _say("mxrules spool requeue: give job ids or --all-failed", err=True)
             return EX_USAGE
         done = spool_cli.requeue(spool, args.id, args.all_failed)
-        print(f"requeued {len(done)} job(s)" + "".join(f"\n  {i}" for i in done))
+        _say(f"requeued {len(done)} job(s)" + "".join(f"\n  {printable(i)}" for i in done))
     elif what == "delete":
         for job_id in args.id:
             state = spool.delete(job_id)
-            print(f"deleted {job_id} (was {state})")
+            _say(f"deleted {printable(job_id)} (was {state})")
     return 0
 
 
@@ -201,10 +214,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_import_ses(args)
     except ConfigError as exc:
         for problem in exc.problems:
-            print(problem, file=sys.stderr)
+            _say(str(problem), err=True)
         return EX_CONFIG
     except SpoolError as exc:
-        print(f"mxrules: {exc}", file=sys.stderr)
+        _say(f"mxrules: {exc}", err=True)
         return EX_DATAERR
     except BrokenPipeError:
         return EX_DATAERR

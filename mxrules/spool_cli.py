@@ -10,6 +10,7 @@ from typing import Any
 
 from .errors import CorruptJobError, SpoolError
 from .spool import STATES, Job, Spool, message_time
+from .terminal import printable
 
 
 def become_owner(root: str) -> None:
@@ -92,10 +93,10 @@ def list_jobs(spool: Spool, states: list[str], as_json: bool) -> str:
         return f"no jobs ({', '.join(states)})"
     lines = [f"{'ID':40}  {'AGE':>6}  {'STATE':8}  {'TRY':>3}  {'NEXT ACTION':28}  LAST ERROR"]
     for r in rows:
-        error = (r.get("last_error") or r.get("error") or "").replace("\n", " ")
+        error = printable((r.get("last_error") or r.get("error") or "").replace("\n", " "))
+        action = printable(str(r.get("next_action", "-")))
         lines.append(f"{r['id']:40}  {_age(r['age_seconds']):>6}  {r['state']:8}  "
-                     f"{r.get('attempts', '-')!s:>3}  {str(r.get('next_action', '-'))[:28]:28}  "
-                     f"{error[:80]}")
+                     f"{r.get('attempts', '-')!s:>3}  {action[:28]:28}  {error[:80]}")
     counts = ", ".join(f"{s}: {sum(1 for r in rows if r['state'] == s)}" for s in states)
     lines.append(f"{len(rows)} job(s) ({counts})")
     return "\n".join(lines)
@@ -109,24 +110,26 @@ def show_job(spool: Spool, job_id: str, as_json: bool) -> str:
         job = spool.load(state, job_id)
     except CorruptJobError as exc:
         return json.dumps({"id": job_id, "state": state, "error": exc.cause}, indent=2) \
-            if as_json else f"{job_id} ({state}): cannot be decoded: {exc.cause}"
+            if as_json else f"{job_id} ({state}): cannot be decoded: {printable(exc.cause)}"
     from .spool import _to_json
     data = {"id": job_id, "state": state, "message_path": spool.message_path(state, job_id),
             **_to_json(job)}
     if as_json:
         return json.dumps(data, indent=2)
     p = job.progress
+    f = printable  # every value from the job: most of it came with the mail
+    c = job.client
     out = [f"job {job_id} ({state})",
-           f"  received   {job.received_at} (Postfix queue id {job.queue_id or '-'})",
-           f"  client     [{job.client.address}] {job.client.hostname} helo={job.client.helo}"
-           f" tls={job.client.tls_version or 'no'}",
-           f"  from       <{job.mail_from}>",
-           f"  rule set   {job.rule_set}",
-           f"  size       {job.message_size} bytes, sha256 {job.message_sha256}",
-           f"  message    {spool.message_path(state, job_id)}"]
+           f"  received   {f(job.received_at)} (Postfix queue id {f(job.queue_id) or '-'})",
+           f"  client     [{f(c.address)}] {f(c.hostname)} helo={f(c.helo)}"
+           f" tls={f(c.tls_version) or 'no'}",
+           f"  from       <{f(job.mail_from)}>",
+           f"  rule set   {f(job.rule_set)}",
+           f"  size       {job.message_size} bytes, sha256 {f(job.message_sha256)}",
+           f"  message    {f(spool.message_path(state, job_id))}"]
     for i, m in enumerate(job.rules):
         marker = ">" if i == p.rule and not p.stopped else " "
-        out.append(f" {marker}rule {m.rule.name}: {', '.join(m.recipients)}")
+        out.append(f" {marker}rule {f(m.rule.name)}: {f(', '.join(m.recipients))}")
         for j, a in enumerate(m.rule.actions):
             here = "  <- next" if i == p.rule and j == p.action and not p.stopped else ""
             out.append(f"      {j + 1}. {a.TYPE}{here}")
@@ -134,10 +137,10 @@ def show_job(spool: Spool, job_id: str, as_json: bool) -> str:
         if state == "deferred" else ""
     out.append(f"  attempts   {p.attempts}{wait}")
     if p.last_error:
-        out.append(f"  last error {p.last_error}")
+        out.append(f"  last error {f(p.last_error)}")
     if p.done:
         out.append("  done:")
-        out += [f"    {d}" for d in p.done]
+        out += [f"    {f(d)}" for d in p.done]
     return "\n".join(out)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 
 import pytest
@@ -288,3 +289,69 @@ def test_config_option_is_accepted_after_every_command(capsys) -> None:
     export = Path(__file__).resolve().parents[2] / "conf" / "ses-export" / "rule-set.json"
     assert cli.main(["import-ses", "--config", "/nonexistent.yaml", str(export)]) == 0
     assert "rule_sets:" in capsys.readouterr().out
+
+
+# -- control characters never reach the terminal ---------------------------------------
+
+RAW_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _spooled_job(tmp_path, mail_from: str, last_error: str) -> tuple[str, str]:
+    """A config whose spool holds one job, deferred, from `mail_from`; (config, job id)."""
+    from mxrules.ids import new_message_id
+    from mxrules.rules import Rule, S3Action
+    from mxrules.spool import Client, Job, MatchedRule, Spool, with_progress
+    path = tmp_path / "spool.yaml"
+    path.write_text(f"spool: {{directory: {tmp_path / 'spool'}}}\n")
+    spool = Spool(str(tmp_path / "spool"))
+    spool.ensure()
+    message_id = new_message_id()
+    rule = Rule(name="store", enabled=True, actions=(S3Action(bucket_name="b"),))
+    job = Job(message_id=message_id, queue_id="Q1", received_at="2026-01-01T00:00:00.000Z",
+              rule_set="default", mail_from=mail_from, recipients=(mail_from,),
+              client=Client(address="192.0.2.1", helo="h\x1b]0;title\x07"),
+              rules=(MatchedRule(rule, (mail_from,)),), in_stream_headers=(),
+              hostname="mx.example.com", message_size=1, message_sha256="")
+    writer = spool.new_job(message_id)
+    writer.write(b"m")
+    writer.commit(with_progress(job, attempts=1, last_error=last_error, next_due=1.0))
+    spool.move(message_id, "incoming", "deferred")
+    return str(path), message_id
+
+
+def test_every_command_escapes_control_characters(capsys, tmp_path, config: str) -> None:
+    sender = '"evil\x1b[2J\x1b[1;1H"@sender.test'
+    spool_config, job_id = _spooled_job(tmp_path, sender, "S3 action: other: a\x1b[31mb\nc")
+    odd = tmp_path / "odd\x1b[2J.yaml"
+    odd.write_text(CONFIG)
+    rule_set = tmp_path / "rs.json"
+    rule_set.write_text(json.dumps({"Metadata": {"Name": "prod"}, "Rules": [{
+        "Name": "r1", "Enabled": True, "Recipients": ["a@example.com"],
+        "Actions": [{"AddHeaderAction": {"HeaderName": "X-A",
+                                         "HeaderValue": "v\u202ex"}}]}]}))
+    runs = {
+        "spool show": ["spool", "show", job_id, "-c", spool_config],
+        "spool list": ["spool", "list", "-c", spool_config],
+        "spool show --json": ["spool", "show", job_id, "--json", "-c", spool_config],
+        "check-config": ["check-config", "-c", str(odd)],
+        "check-config error": ["check-config", "-c", str(tmp_path / "missing\x1b[2J.yaml")],
+        "explain": ["explain", "-c", config, "--client-ip", "192.0.2.1", "--helo",
+                    "h\x1b[2J", "--from", sender, "--rcpt", "info@example.com"],
+        "import-ses": ["import-ses", str(rule_set)],
+    }
+    outputs = {}
+    for name, argv in runs.items():
+        _, out, err = _run(capsys, *argv)
+        assert not RAW_CONTROL.search(out + err), (name, out + err)
+        outputs[name] = out + err
+    assert '<"evil\\x1b[2J\\x1b[1;1H"@sender.test>' in outputs["spool show"]
+    assert "helo=h\\x1b]0;title\\x07" in outputs["spool show"]
+    assert "a\\x1b[31mb c" in outputs["spool list"]  # the line break is a space, as before
+    assert "odd\\x1b[2J.yaml: ok" in outputs["check-config"]
+    assert "missing\\x1b[2J.yaml" in outputs["check-config error"]
+    assert "HELO h\\x1b[2J" in outputs["explain"]
+    # import-ses stays YAML that loads to the same value, written with YAML's escapes.
+    imported = tmp_path / "imported.yaml"
+    imported.write_text(outputs["import-ses"])
+    value = load(str(imported)).rule_sets["prod"].rules[0].actions[0].header_value
+    assert value == "v\u202ex"
