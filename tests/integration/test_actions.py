@@ -196,6 +196,8 @@ def test_two_rules_run_in_order_each_with_its_own_recipients(make_loop: Any) -> 
     pytest.param('{"disposition": "CONTINUE"}', True, True, id="continue"),
     pytest.param('{"disposition": "SOMETHING_ELSE"}', True, True, id="unknown-continues"),
     pytest.param("not json", True, True, id="garbage-continues"),
+    # Past the JSON parser's recursion limit: read as CONTINUE, the function invoked once.
+    pytest.param("[" * 100_000 + "]" * 100_000, True, True, id="deeply-nested-continues"),
 ])
 def test_request_response_lambda_disposition(make_loop: Any, answer: str, first: bool,
                                              second: bool) -> None:
