@@ -10,6 +10,7 @@ last one removes, purges and reinstalls the package.
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import pwd
@@ -36,6 +37,7 @@ pytestmark = pytest.mark.skipif(
 MXRULES = "/usr/bin/mxrules"
 SPOOL = Path("/var/spool/mxrules")
 CONFIG = Path("/etc/mxrules/mxrules.yaml")
+ENV_FILE = Path("/etc/default/mxrules")  # where the README says AWS keys go
 UNITS = [Path("/lib/systemd/system/mxrules-milter.service"),
          Path("/lib/systemd/system/mxrules-worker.service")]
 
@@ -79,6 +81,46 @@ def test_user_spool_and_files() -> None:
         assert Path(path).is_file(), path
     page = run("man", "8", "mxrules", env={**os.environ, "MANWIDTH": "80"}).stdout
     assert "check-config" in page and "SIGUSR1" in page
+
+
+def _env_file_state() -> tuple[int, str, str]:
+    st = ENV_FILE.stat()
+    return (stat.S_IMODE(st.st_mode), pwd.getpwuid(st.st_uid).pw_name,
+            grp.getgrgid(st.st_gid).gr_name)
+
+
+def test_environment_file_for_aws_keys_is_not_world_readable() -> None:
+    assert _env_file_state() == (0o640, "root", "mxrules")
+    conffiles = run("dpkg-query", "--showformat=${Conffiles}", "--show", "mxrules").stdout
+    assert str(ENV_FILE) in conffiles
+
+
+def test_an_upgrade_mends_the_mode_of_an_edited_environment_file_unless_overridden() -> None:
+    """An edited conffile is kept by dpkg with its mode: the one earlier packages gave
+    it (0644) must not survive the upgrade; an operator's dpkg-statoverride must."""
+    deb = os.environ.get("MXRULES_DEB")
+    if not deb:
+        pytest.fail("MXRULES_DEB must name the .deb to reinstall")
+    original = ENV_FILE.read_text()
+    keys = "AWS_ACCESS_KEY_ID=AKIAEXAMPLE\nAWS_SECRET_ACCESS_KEY=example-secret\n"
+    try:
+        ENV_FILE.write_text(original + keys)
+        os.chown(ENV_FILE, 0, 0)
+        ENV_FILE.chmod(0o644)
+        run("apt-get", "install", "--reinstall", "-y", os.path.abspath(deb))
+        assert ENV_FILE.read_text() == original + keys  # the operator's edit is kept
+        assert _env_file_state() == (0o640, "root", "mxrules")
+
+        run("dpkg-statoverride", "--update", "--add", "root", "root", "0600", str(ENV_FILE))
+        try:
+            run("apt-get", "install", "--reinstall", "-y", os.path.abspath(deb))
+            assert _env_file_state() == (0o600, "root", "root")
+        finally:
+            run("dpkg-statoverride", "--remove", str(ENV_FILE))
+    finally:
+        ENV_FILE.write_text(original)
+        os.chown(ENV_FILE, 0, grp.getgrnam("mxrules").gr_gid)
+        ENV_FILE.chmod(0o640)
 
 
 def test_units_pass_systemd_analyze() -> None:
@@ -229,4 +271,5 @@ def test_remove_keeps_spool_and_config_purge_deletes_them_reinstall_works() -> N
 
     run("apt-get", "install", "-y", "--no-install-recommends", os.path.abspath(deb))
     assert SPOOL.is_dir() and stat.S_IMODE(SPOOL.stat().st_mode) == 0o700
+    assert _env_file_state() == (0o640, "root", "mxrules")
     assert "managed domains: none" in run(MXRULES, "check-config").stdout
