@@ -61,7 +61,8 @@ def _parser() -> argparse.ArgumentParser:
                     help="work until nothing is due, then exit (deferred jobs stay)")
 
     sp = sub.add_parser("spool", parents=[common], help="list, show, requeue or delete jobs",
-                        description="Look at and act on the spool's jobs.")
+                        description="Look at and act on the spool's jobs. Run as root, "
+                                    "it first switches to the spool directory's owner.")
     spsub = sp.add_subparsers(dest="spool_command", metavar="ACTION", required=True)
     ls = spsub.add_parser("list", parents=[common], help="a table of jobs")
     ls.add_argument("--state", action="append", choices=["incoming", "active", "deferred",
