@@ -215,18 +215,39 @@ def _choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+# Field annotations whose values can be checked here, and how a mismatch is named.
+_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "str": ((str,), "a string"), "bool": ((bool,), "true or false"),
+    "int": ((int,), "an integer"), "float": ((int, float), "a number")}
+
+
+def _check_fields(cls: type, values: dict[str, Any], where: str) -> None:
+    """Each of `values` is a field of dataclass `cls` holding a value of its annotation.
+
+    Read from the annotations, so a field added to `cls` later is checked too; one
+    of a type not in _KINDS is left to the constructor.
+    """
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for name, value in values.items():
+        if name not in fields:
+            raise _Shape(f"{where}: unknown field {_brief(name)}")
+        annotation = str(fields[name].type)
+        optional = annotation.endswith(" | None")
+        kind = _KINDS.get(annotation.removesuffix(" | None"))
+        if kind is None or (value is None and optional):
+            continue
+        kinds, named = kind
+        if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+            raise _Shape(f"{where}.{name}: expected {named}, not {_brief(value)}")
+
+
 def _check_action(item: Any, where: str) -> None:
-    """An action as Rule.from_config reads it: `{key: {field: string}}`."""
+    """An action as Rule.from_config reads it: `{key: {field: value}}`."""
     item = _object(item, where)
     if len(item) != 1 or next(iter(item)) not in ACTION_TYPES:
         raise _Shape(f"{where}: expected one of the action keys, not {_brief(list(item))}")
     ((key, body),) = item.items()
-    fields = {f.name: f for f in dataclasses.fields(ACTION_TYPES[key])}
-    for name, value in _object(body or {}, f"{where}.{key}").items():
-        if name not in fields:
-            raise _Shape(f"{where}.{key}: unknown field {_brief(name)}")
-        if not (value is None and fields[name].default is None):
-            _text(value, f"{where}.{key}.{name}")
+    _check_fields(ACTION_TYPES[key], _object(body or {}, f"{where}.{key}"), f"{where}.{key}")
 
 
 def _rule(raw: Any, where: str) -> Rule:
@@ -250,11 +271,8 @@ def _matched(raw: Any, where: str) -> MatchedRule:
 
 def _progress(raw: Any, rules: tuple[MatchedRule, ...]) -> Progress:
     p = _object({} if raw is None else raw, "progress")
-    unknown = set(p) - {f.name for f in dataclasses.fields(Progress)}
-    if unknown:
-        raise _Shape(f"progress: unknown field {_brief(sorted(unknown)[0])}")
     first = p.get("first_attempt_at")
-    progress = Progress(
+    checked: dict[str, Any] = dict(
         rule=_count(p.get("rule", 0), "progress.rule"),
         action=_count(p.get("action", 0), "progress.action"),
         attempts=_count(p.get("attempts", 0), "progress.attempts"),
@@ -268,6 +286,9 @@ def _progress(raw: Any, rules: tuple[MatchedRule, ...]) -> Progress:
         disposition=_choice(p.get("disposition", ""), "progress.disposition",
                             ("", "CONTINUE", "STOP_RULE", "STOP_RULE_SET")),
     )
+    rest = {k: v for k, v in p.items() if k not in checked}
+    _check_fields(Progress, rest, "progress")
+    progress = Progress(**rest, **checked)
     if progress.phase == "notify" and not progress.stopped:
         # Only an action with a topic_arn has a notification left to send.
         actions = rules[progress.rule].rule.actions if progress.rule < len(rules) else ()
@@ -279,8 +300,7 @@ def _progress(raw: Any, rules: tuple[MatchedRule, ...]) -> Progress:
 def _from_json(body: dict[str, Any]) -> Job:
     body = _object(body, "job")
     client = _object(body.get("client"), "client")
-    for name, value in client.items():
-        _text(value, f"client.{name}")
+    _check_fields(Client, client, "client")
     verdicts = _object(body.get("verdicts", {}), "verdicts")
     for name, value in verdicts.items():
         _text(value, f"verdicts.{name}")

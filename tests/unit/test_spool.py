@@ -208,6 +208,8 @@ DELETE = object()
                  id="recipients-a-string"),
     pytest.param("recipients.0", 7, "recipients[0]: expected a string", id="recipient-a-number"),
     pytest.param("client.helo", 1, "client.helo: expected a string", id="helo-a-number"),
+    pytest.param("client.surprise", "x", "client: unknown field 'surprise'",
+                 id="client-unknown-field"),
     pytest.param("verdicts.spam", False, "verdicts.spam: expected a string", id="verdict-bool"),
     pytest.param("in_stream_headers.0", ["X-Rule", 1], "in_stream_headers[0][1]: expected a "
                  "string", id="header-value-a-number"),
