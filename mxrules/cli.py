@@ -28,6 +28,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import yaml
 
@@ -39,11 +40,18 @@ from .explain import Transaction, explain, render
 from .terminal import printable, printable_values
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, whose usage errors repeat the arguments given: escaped like all output."""
+
+    def _print_message(self, message: str, file: Any = None) -> None:
+        super()._print_message(printable(message, keep="\n"), file)
+
+
 def _parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--config", "-c", default=argparse.SUPPRESS, metavar="PATH",
                         help=f"config file (default {config_mod.DEFAULT_PATH})")
-    top = argparse.ArgumentParser(
+    top = _Parser(
         prog="mxrules", parents=[common],
         description="Amazon SES email receiving (receipt rules, IP filters, actions) "
                     "for your own Postfix.")

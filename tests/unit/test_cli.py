@@ -355,3 +355,12 @@ def test_every_command_escapes_control_characters(capsys, tmp_path, config: str)
     imported.write_text(outputs["import-ses"])
     value = load(str(imported)).rule_sets["prod"].rules[0].actions[0].header_value
     assert value == "v\u202ex"
+
+
+def test_usage_errors_escape_the_arguments_they_repeat(capsys) -> None:
+    with pytest.raises(SystemExit) as info:
+        cli.main(["spool", "show", "a\x1b[2J", "b\x1b]0;x\x07"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: b\\x1b]0;x\\x07" in err
+    assert not RAW_CONTROL.search(err), err
