@@ -591,9 +591,12 @@ class Spool:
     def jobs(self, state: str) -> Iterator[tuple[str, Job | CorruptJobError]]:
         for job_id in self.ids(state):
             try:
-                yield job_id, self.load(state, job_id)
+                job: Job | CorruptJobError = self.load(state, job_id)
             except CorruptJobError as exc:
-                yield job_id, exc
+                if not os.path.isdir(self.path(state, job_id)):
+                    continue  # moved on (a worker took it) since the listing: not damaged
+                job = exc
+            yield job_id, job
 
     def clean_done(self) -> int:
         """Remove finished jobs a worker did not get to delete (killed meanwhile)."""

@@ -470,6 +470,16 @@ def test_a_link_planted_as_the_lock_is_refused_and_nothing_is_held(tmp_path) -> 
     claim.release()
 
 
+def test_a_job_moved_on_since_the_listing_is_not_reported_corrupt(tmp_path,
+                                                                   monkeypatch) -> None:
+    spool = Spool(str(tmp_path))
+    stays, moves = _committed(spool), _committed(spool)
+    listing = spool.ids("incoming")
+    spool.move(moves, "incoming", "deferred")  # a worker, between the listing and the read
+    monkeypatch.setattr(spool, "ids", lambda state: listing if state == "incoming" else [])
+    assert [job_id for job_id, _ in spool.jobs("incoming")] == [stays]
+
+
 def test_ids_lists_only_message_ids_in_order(tmp_path) -> None:
     spool = Spool(str(tmp_path))
     spool.ensure()
