@@ -48,7 +48,10 @@ class ScanOutcome:
         return out
 
     def headers(self) -> list[tuple[str, str]]:
-        """The headers for Postfix's copy, in SES's order (SPEC §8)."""
+        """The headers for Postfix's copy, in SES's order.
+
+        docs/ses-compatibility.md, "The stored copy".
+        """
         return [("X-SES-Spam-Verdict", self.verdicts["spam"].status),
                 ("X-SES-Virus-Verdict", self.verdicts["virus"].status),
                 *self.auth_headers]

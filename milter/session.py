@@ -10,7 +10,7 @@ Header and body callbacks never fail the SMTP conversation themselves (Postfix
 is told not to wait for their replies): a spool error is remembered and
 answered at end of data with 451, before any 250.
 
-A connection from a trusted forwarder (one of the user's own relays, SPEC §3)
+A connection from a trusted forwarder (one of the user's own relays; docs/ses-compatibility.md)
 is not judged by its own address: each message is judged at end of data by
 the original client named in the relay's own `Received:` header
 (mxrules/received.py).  Postfix (checked against 3.7) does not pass the

@@ -182,7 +182,7 @@ def in_stream_headers(plan: Sequence[RulePlan]) -> list[tuple[str, str]]:
     Actions run in rule-set order.  A Stop ends everything after it; a
     RequestResponse Lambda may stop the rule or the rule set, which is known
     only once it answers (in the worker), so the in-stream copy gets only the
-    headers that precede it (SPEC §6).
+    headers that precede it (docs/ses-compatibility.md, "AddHeader").
     """
     headers: list[tuple[str, str]] = []
     for item in plan:

@@ -1,4 +1,6 @@
-"""messageIds: opaque, lowercase, unique per accepted message (SPEC §7).
+"""messageIds: opaque, lowercase, unique per accepted message.
+
+SES's messageId: docs/ses-compatibility.md, "messageId".
 
 40 characters of base32hex (0-9, a-v), like SES's: 64 bits of nanosecond time
 then 136 random bits.  The time prefix makes ids sort by arrival, which keeps

@@ -1,6 +1,6 @@
 """IP address filters: SES's Allow/Block filters plus mxrules' blocklists.
 
-Order of checks (SPEC §3): the built-in block list (blocklist files), then the
+Order of checks (docs/ses-compatibility.md, "IP address filters"): the blocklist files, then the
 user's Block filters -- but an address matched by any Allow filter is accepted
 whatever else matches ("Allow wins").
 

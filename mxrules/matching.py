@@ -1,4 +1,4 @@
-"""Recipient matching (SPEC §2) and the managed-domain test.
+"""Recipient matching (docs/ses-compatibility.md, "Recipient matching") and managed domains.
 
 A condition is a full address (`user@example.com`, which also matches
 `user+anything@example.com`), a domain (`example.com`, that domain exactly) or

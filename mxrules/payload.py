@@ -1,4 +1,4 @@
-"""SES's receipt payloads, built from a spooled job (SPEC §7, §8).
+"""SES's receipt payloads, built from a spooled job (docs/ses-compatibility.md, "Payloads").
 
 Pure functions, no boto3: the worker's actions call them and send the result.
 
@@ -187,7 +187,10 @@ def _text(value: bytes) -> str:
 
 
 def ses_prepended_headers(job: Job) -> list[Header]:
-    """SES's own headers on the stored copy, unfolded, in SES's order (SPEC §8)."""
+    """SES's own headers on the stored copy, unfolded, in SES's order.
+
+    docs/ses-compatibility.md, "The stored copy".
+    """
     return [(name, value) for name, value, _wire in _ses_fields(job)]
 
 

@@ -1,4 +1,6 @@
-"""SES's own JSON exports, loaded as they are (SPEC §10), and `import-ses`.
+"""SES's own JSON exports, loaded as they are, and `import-ses`.
+
+What SES prints: docs/ses-compatibility.md, "SES exports".
 
 Accepted inputs:
 - `aws ses describe-active-receipt-rule-set` / `describe-receipt-rule-set`:

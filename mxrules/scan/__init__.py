@@ -1,4 +1,6 @@
-"""Scanners: SPF, DKIM, DMARC, spam and virus verdicts (SPEC §5).
+"""Scanners: SPF, DKIM, DMARC, spam and virus verdicts.
+
+SES's verdicts: docs/ses-compatibility.md, "Authentication and scans".
 
 Each scanner takes the spooled message file and a deadline and returns a
 `Verdict`; none raises for a scanner that is down, slow or refuses the

@@ -1,10 +1,11 @@
-"""SPF, DKIM and DMARC: SES's `spfVerdict`, `dkimVerdict`, `dmarcVerdict` (SPEC §5, §8).
+"""SPF, DKIM and DMARC: SES's `spfVerdict`, `dkimVerdict`, `dmarcVerdict` (see
+docs/ses-compatibility.md, "Authentication and scans").
 
 `check()` takes the spooled message and the SMTP facts (client IP, HELO, MAIL FROM)
 and returns an `AuthResult`: three `Verdict`s, the DMARC policy, and the values of
 the `Received-SPF` (RFC 7208 §9.1) and `Authentication-Results` (RFC 8601) headers
 mxrules adds. It never raises: anything unexpected is PROCESSING_FAILED with the
-error in the verdict's detail, and the mail goes on (SPEC §5).
+error in the verdict's detail, and the mail goes on (as in SES).
 
 LIBRARIES
 

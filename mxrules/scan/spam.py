@@ -1,4 +1,6 @@
-"""Spam verdicts from SpamAssassin's spamd (SPAMC protocol) or rspamd (HTTP) (SPEC §5).
+"""Spam verdicts from SpamAssassin's spamd (SPAMC protocol) or rspamd (HTTP).
+
+SES's spamVerdict: docs/ses-compatibility.md, "Authentication and scans".
 
 Both clients stream the spooled message file (raw, CRLF) to the scanner in chunks,
 never holding the whole message in memory, and keep to one deadline for the whole

@@ -1,4 +1,6 @@
-"""Virus verdicts from ClamAV's clamd, over its ``zINSTREAM`` command (SPEC §5).
+"""Virus verdicts from ClamAV's clamd, over its ``zINSTREAM`` command.
+
+SES's virusVerdict: docs/ses-compatibility.md, "Authentication and scans".
 
 The spooled message (raw, CRLF) is streamed to clamd in length-prefixed chunks, never
 whole in memory, within one deadline for the whole exchange.  clamd parses the MIME

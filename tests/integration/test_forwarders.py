@@ -1,4 +1,4 @@
-"""Trusted forwarders against a real Postfix (SPEC §3).
+"""Trusted forwarders against a real Postfix (docs/ses-compatibility.md, "IP address filters").
 
 The test client connects from 127.0.0.1, made a trusted forwarder here: it
 plays one of the user's own relays, whose own `Received:` header (the topmost

@@ -1,4 +1,6 @@
-"""The spam and virus scanner clients against real spamd, clamd and rspamd (SPEC §5).
+"""The spam and virus scanner clients against real spamd, clamd and rspamd.
+
+What SES does: docs/ses-compatibility.md, "Authentication and scans".
 
 Servers come from harness.scanner_fixtures (started once per session, offline).  Every
 failure mode must give PROCESSING_FAILED with a clear detail, never an exception and

@@ -1,4 +1,7 @@
-"""messageIds: 40 characters of base32hex, unique, sorting by time (SPEC §7)."""
+"""messageIds: 40 characters of base32hex, unique, sorting by time.
+
+SES's messageId: docs/ses-compatibility.md, "messageId".
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,7 @@
-"""IP address filters (SPEC §3): parsing, Allow wins, blocklist files, longest prefix."""
+"""IP address filters: parsing, Allow wins, blocklist files, longest prefix.
+
+What SES does: docs/ses-compatibility.md, "IP address filters".
+"""
 
 from __future__ import annotations
 

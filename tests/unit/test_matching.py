@@ -1,4 +1,4 @@
-"""Recipient matching and managed domains (SPEC §2)."""
+"""Recipient matching and managed domains (docs/ses-compatibility.md, "Recipient matching")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The metrics catalogue as the two programs expose it (DESIGN.md "Observability").
+"""The metrics catalogue as the two programs expose it (README, "Monitoring").
 
 Each program's endpoint text is rendered from a fresh registry with its own
 metric objects and checked by `promtool check metrics` (Debian's promtool), then

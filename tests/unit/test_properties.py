@@ -1,10 +1,10 @@
-"""Property tests: the decision core agrees with a plain reading of SPEC §2-3.
+"""Property tests: the decision core agrees with a plain reading of its documented rules.
 
 Random rule sets (enabled and disabled rules; full-address, domain,
 leading-dot and empty recipient conditions), random Allow/Block filters and
 blocklists over IPv4 and IPv6 (overlapping on purpose: values come from small
 pools), and random recipients are given both to `Engine` and to the reference
-model below, which is written as the SPEC reads: linear scans over every
+model below, written as docs/ses-compatibility.md reads: linear scans over every
 rule, condition and filter, with `ipaddress` for the CIDR test.  No index, no
 prefix table.
 
@@ -136,7 +136,7 @@ clients = st.one_of(
 )
 
 
-# -- the reference model: SPEC §2-3 read literally --------------------------------
+# -- the reference model: docs/ses-compatibility.md's matching and filters, literally -----
 
 
 def ref_split(address: str) -> tuple[str, str] | None:
@@ -296,7 +296,7 @@ def test_rcpt_outcome_agrees_with_the_reference(rules, managed, rcpts, tls) -> N
 @PROFILE
 @given(rules=rule_sets(), rcpts=st.lists(recipients(), min_size=1, max_size=8))
 def test_plan_lists_each_rule_once_with_only_the_recipients_it_matched(rules, rcpts) -> None:
-    """SPEC §2: every matching enabled rule runs, in order; receipt.recipients = its matches."""
+    """Every matching enabled rule runs, in order; receipt.recipients = its matches."""
     engine = engine_for(rules, ["example.com", ".example.com", "example.org"])
     decisions = [engine.rcpt(r, tls=True) for r in rcpts]
     plan = engine.plan(decisions)
@@ -357,7 +357,7 @@ def test_a_config_written_as_yaml_decides_like_the_model(tmp_path_factory, rules
 
 
 def test_reference_model_reads_the_spec_examples() -> None:
-    """The reference itself, on SPEC §2's own examples, so a wrong model cannot pass quietly."""
+    """The reference itself, on the documented examples, so a wrong model cannot pass quietly."""
     rules = (Rule("r", enabled=True, recipients=("user@example.com",)),
              Rule("d", enabled=True, recipients=("example.com",)),
              Rule("s", enabled=True, recipients=(".example.com",)),

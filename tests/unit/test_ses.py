@@ -1,4 +1,7 @@
-"""SES's own exports loaded as they are (SPEC §10), and `import-ses`."""
+"""SES's own exports loaded as they are, and `import-ses`.
+
+What SES prints: docs/ses-compatibility.md, "SES exports".
+"""
 
 from __future__ import annotations
 

@@ -457,7 +457,7 @@ def test_error_at_the_edge_tempfails_and_forgets(runtime) -> None:
     assert _listing(runtime)["tmp"] == []
 
 
-# -- trusted forwarders (SPEC §3): the original client is judged, at end of data ----------
+# -- trusted forwarders (docs/ses-compatibility.md): the original client is judged at EOM --
 
 FORWARDER = "192.0.2.250"
 FWD_CONFIG = CONFIG.replace(
