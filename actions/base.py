@@ -44,6 +44,9 @@ class Outcome:
     detail: str = ""  # one line for logs and `mxrules spool show`
     header: tuple[str, str] | None = None  # an AddHeader's header, for later stored copies
     suppressed: str = ""  # a Bounce that sent no DSN: why (metrics.BOUNCE_SUPPRESSIONS)
+    # The email was over the action's size limit and bounced instead, as SES does: the
+    # action did not store or publish it (nor is its topic_arn notified).
+    bounced: bool = False
 
 
 def processing_ms(job: Job, now: float | None = None) -> int:

@@ -589,6 +589,36 @@ def run(ctx: ActionContext) -> Outcome:
     action = ctx.action
     if not isinstance(action, BounceAction):
         raise TypeError(f"bounce.run got a {type(action).__name__}")
+    return bounce(ctx, action)
+
+
+def too_big(ctx: ActionContext, size: int, limit: int, *, notification: bool = False
+            ) -> Outcome:
+    """SES's answer to an email over an action's size limit: it bounces.
+
+    A DSN for the rule's recipients (552 5.3.4), sent as a Bounce action's is
+    (to an authenticated sender only, within the rate limits), instead of a
+    dead letter that no retry could ever deliver.  With `notification`, `size`
+    is that of the SNS notification that could not fit.
+    """
+    if notification:
+        why = (f"The message cannot be published: its notification would be {size} bytes, "
+               f"over the {limit} bytes the receiving system's SNS action accepts.")
+    else:
+        why = (f"The message ({size} bytes with the headers added on receipt) is larger "
+               f"than the {limit} bytes the receiving system's {ctx.action.TYPE} action "
+               "accepts.")
+    outcome = bounce(ctx, BounceAction(smtp_reply_code="552", status_code="5.3.4",
+                                       message=why))
+    what = "notification" if notification else "message"
+    return Outcome(detail=f"{what} of {size} bytes, over the {ctx.action.TYPE} limit of "
+                          f"{limit}: {outcome.detail}", suppressed=outcome.suppressed,
+                   bounced=True)
+
+
+def bounce(ctx: ActionContext, action: BounceAction) -> Outcome:
+    """Send `action`'s DSN for the rule's recipients to the envelope sender, unless
+    suppressed (an unauthenticated sender, a rate limit)."""
     limiter = ctx.bounce_limiter
     if limiter is None:
         raise TypeError("bounce.run needs the worker's BounceLimiter")

@@ -64,13 +64,14 @@ def run(ctx: ActionContext) -> Outcome:
     action = ctx.action
     assert isinstance(action, LambdaAction)
     headers, truncated = stored_headers(ctx)
-    event = payload.to_json(payload.lambda_event(
-        ctx.job, ctx.matched, action, headers=headers, truncated=truncated,
-        processing_ms=processing_ms(ctx.job))).encode("utf-8")
     limit = MAX_SYNC_EVENT if action.invocation_type == "RequestResponse" else MAX_EVENT
-    if len(event) > limit:
-        raise PermanentActionError(f"Lambda event of {len(event)} bytes is over the "
-                                   f"{action.invocation_type} limit of {limit}")
+    try:
+        event = payload.lambda_event_json(
+            ctx.job, ctx.matched, action, headers=headers, truncated=truncated,
+            processing_ms=processing_ms(ctx.job), limit=limit).encode("utf-8")
+    except payload.PayloadTooLarge as exc:
+        raise PermanentActionError(f"Lambda event of {exc} ({action.invocation_type})"
+                                   ) from exc
     reply = ctx.clients.lambda_.invoke(FunctionName=action.function_arn,
                                        InvocationType=action.invocation_type, Payload=event)
     answer = _read_answer(reply)

@@ -114,7 +114,8 @@ class Runner:
             try:
                 if p.phase == "action":
                     outcome = ACTIONS[action.KEY](ctx)
-                    self.metrics.actions.labels(action.TYPE, "ok").inc()
+                    self.metrics.actions.labels(
+                        action.TYPE, "bounced" if outcome.bounced else "ok").inc()
                     if p.attempts and self.recovered:
                         self.recovered(action.TYPE)
                     if action.TYPE == "Lambda":
@@ -129,7 +130,8 @@ class Runner:
                         message_id=job.message_id, queue_id=job.queue_id, rule=matched.rule.name,
                         action=p.action + 1, type=action.TYPE, detail=outcome.detail,
                         ms=int((time.monotonic() - started) * 1000)))
-                    if action.topic_arn and not isinstance(action, SNSAction):
+                    if (action.topic_arn and not isinstance(action, SNSAction)
+                            and not outcome.bounced):
                         job = with_progress(job, phase="notify",
                                             disposition=outcome.disposition, attempts=0,
                                             first_attempt_at=None, last_error="")

@@ -9,11 +9,15 @@ small one.  With kms_key_arn the object is encrypted server-side with that key
 from __future__ import annotations
 
 from mxrules import payload
-from mxrules.rules import S3Action
+from mxrules.rules import S3_EMAIL_LIMIT, S3Action
 
-from .base import ActionContext, Outcome, PermanentActionError
+from . import bounce
+from .base import ActionContext, Outcome
 
-MAX_OBJECT = 40 * 1024 * 1024  # SES's limit for the S3 action
+# SES's limit for the S3 action, SES's headers included.  The milter refuses a
+# message over it during SMTP when every recipient's rules would bounce it; here
+# it bounces (a DSN), as in SES.
+MAX_OBJECT = S3_EMAIL_LIMIT
 
 
 def run(ctx: ActionContext) -> Outcome:
@@ -22,8 +26,7 @@ def run(ctx: ActionContext) -> Outcome:
     body = payload.StoredCopy(ctx.job, ctx.message_path, ctx.added_headers)
     try:
         if body.size > MAX_OBJECT:
-            raise PermanentActionError(
-                f"message of {body.size} bytes is over the S3 action's limit of {MAX_OBJECT}")
+            return bounce.too_big(ctx, body.size, MAX_OBJECT)
         key = payload.object_key(ctx.job, action)
         extra = {}
         if action.kms_key_arn:

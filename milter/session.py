@@ -34,6 +34,7 @@ from mxrules.decision import (
     TEMPFAIL_SCAN,
     TEMPFAIL_SPOOL,
     TOO_BIG,
+    TOO_BIG_FOR_ACTIONS,
     UNRESOLVED_REPLIES,
     ConnectDecision,
     Engine,
@@ -46,6 +47,7 @@ from mxrules.errors import SpoolError
 from mxrules.ids import new_message_id
 from mxrules.ipfilter import IPAddress, parse_ip
 from mxrules.metrics import BILLING_CHUNK, MilterMetrics
+from mxrules.payload import prefix_floor, stored_copy_prefix
 from mxrules.received import OriginalClient
 from mxrules.service import quote as _quote
 from mxrules.spool import Client, Job, JobWriter, MatchedRule, Spool, ses_timestamp
@@ -95,6 +97,7 @@ class _Message:
     writer: JobWriter | None = None
     failed: Reply | None = None  # set when a header/body step could not be stored
     too_big: bool = False
+    size: int | None = None  # the client's SIZE= at MAIL FROM, if any
     started: float = field(default_factory=time.monotonic)
     # Forwarded connections only: the walk down the Received headers as they
     # come, and what it says about the original client (settled once, at EOH
@@ -181,6 +184,7 @@ class Session:
         raw = params.get("SIZE")
         if raw and raw.isdigit():
             size = int(raw)
+        self.msg.size = size
         reply = engine.mail(size)
         if reply.verb != "continue":
             self.rt.metrics.rejections.labels("mail", "size").inc()
@@ -196,7 +200,9 @@ class Session:
         """
         if self.msg is None:  # RCPT before MAIL cannot come from Postfix
             return TEMPFAIL_INTERNAL
-        decision = self.msg.engine.rcpt(recipient, tls=tls, forwarded=self.forwarder is not None)
+        decision = self.msg.engine.rcpt(recipient, tls=tls,
+                                        forwarded=self.forwarder is not None,
+                                        size=self._least_size(recipient))
         self.msg.decisions.append(decision)
         self.msg.recorded.append(recorded or recipient)
         self.rt.metrics.recipients.labels(decision.outcome).inc()
@@ -206,6 +212,19 @@ class Session:
                   result=decision.outcome, rules=",".join(decision.rules),
                   reply=decision.reply if decision.reply.verb != "continue" else None)
         return decision.reply
+
+    def _least_size(self, recipient: str) -> int | None:
+        """The smallest the stored copy can be, judged at RCPT: SIZE= plus SES's headers.
+
+        None without SIZE=, and for a trusted forwarder, whose recipients are not
+        refused for size (Engine.rcpt).
+        """
+        msg = self.msg
+        if msg is None or msg.size is None or self.forwarder is not None:
+            return None
+        first = msg.handled[0].recipient if msg.handled else recipient
+        return msg.size + prefix_floor(_utf8(msg.sender), _utf8_client(self.client),
+                                       msg.engine.config.hostname, _utf8(_bare(first)))
 
     def _writer(self) -> JobWriter | None:
         """The spool file for this message, opened at the first header.
@@ -378,6 +397,18 @@ class Session:
             verdicts=verdicts,
             auth_headers=auth_headers,
         )
+        if self.forwarder is None and engine.too_big(
+                msg.decisions, len(stored_copy_prefix(job)) + job.message_size):
+            # Every recipient's rules would bounce it (SES's S3 and SNS limits, SES's
+            # headers included): refused now, before it is stored, not bounced later.
+            # Not a trusted forwarder's: it would send the DSN to whatever sender the
+            # mail claims; the worker's bounce checks the sender first.
+            writer.abort()
+            self.rt.metrics.messages.labels("rejected").inc()
+            self.rt.metrics.rejections.labels("data", "too-big").inc()
+            self._log(logging.INFO, "eom", sender=msg.sender, result="reject",
+                      reason="too-big", size=job.message_size, reply=TOO_BIG_FOR_ACTIONS)
+            return EomResult(TOO_BIG_FOR_ACTIONS)
         edits, kept = self._edits(msg, headers, job.message_id)
         started = time.monotonic()
         try:

@@ -50,6 +50,10 @@ UNRESOLVED_REPLIES = {
                       "Original client of forwarded message unknown, try again later"),
     "reject": Reply("reject", "554", "5.7.1", "Original client of forwarded message unknown"),
 }
+# Every recipient's rules would bounce it (SES's S3 and SNS limits): refused at end of data.
+TOO_BIG_FOR_ACTIONS = Reply(
+    "reject", "552", "5.3.4", "Message size exceeds the limit of the receipt rules' actions"
+)
 
 
 @dataclass(frozen=True)
@@ -65,7 +69,7 @@ class RcptDecision:
 
     recipient: str
     outcome: Literal["unmanaged", "accepted", "no-rule", "no-rule-set", "tls-required",
-                     "bounced"]
+                     "bounced", "too-big"]
     rules: tuple[str, ...]  # names of the matching enabled rules, in rule-set order
     reply: Reply
 
@@ -101,6 +105,7 @@ class Engine:
         # With delivery: deliver, Postfix delivers a handled recipient too: refusing it
         # would take that delivery away, so only consume answers bounces at RCPT.
         self.bounce_at_rcpt = config.bounce_reject_at_rcpt and config.delivery == "consume"
+        self.bounce_sizes = {rule.name: bounce_size(rule) for rule in rules}
 
     # -- connect ---------------------------------------------------------
     def is_trusted_forwarder(self, addr: IPAddress) -> bool:
@@ -124,12 +129,17 @@ class Engine:
         return CONTINUE
 
     # -- RCPT TO ---------------------------------------------------------
-    def rcpt(self, recipient: str, *, tls: bool, forwarded: bool = False) -> RcptDecision:
+    def rcpt(self, recipient: str, *, tls: bool, forwarded: bool = False,
+             size: int | None = None) -> RcptDecision:
         """The fate of one recipient; `forwarded`: the client is a trusted forwarder.
 
         A trusted forwarder has already accepted the message: a refusal would make
         it send the DSN, to whatever sender the mail claims, so its recipients are
-        never refused for a Bounce (the worker's checks apply to them instead).
+        never refused for a Bounce (the worker's checks apply to them instead), nor
+        for size.  `size`, when known, is the smallest the stored copy can be: the
+        SMTP client's SIZE= plus the fewest bytes SES's headers add; a recipient
+        every one of whose rules would bounce that is refused now, in the
+        conversation, instead of with a DSN later.
         """
         parts = split_address(recipient)
         if parts is None or parts[1] not in self.domains:
@@ -154,7 +164,42 @@ class Engine:
         bounce = rcpt_bounce(rules) if self.bounce_at_rcpt and not forwarded else None
         if bounce is not None:
             return RcptDecision(recipient, "bounced", names, bounce_reply(bounce))
+        # With `delivery: deliver` Postfix delivers the message too: never refused for size.
+        limit = (self.size_limit(names) if self.config.delivery == "consume" and not forwarded
+                 else None)
+        if size is not None and limit is not None and size > limit:
+            # 550, not 552: Postfix's and other clients read 552 after RCPT as 452 (RFC
+            # 5321 4.5.3.1.10) and would retry for days a message that can never fit.
+            reply = Reply("reject", "550", "5.3.4", f"<{bare(recipient)}>: Recipient address "
+                          f"rejected: message size exceeds the limit of {limit} bytes")
+            return RcptDecision(recipient, "too-big", names, reply)
         return RcptDecision(recipient, "accepted", names, CONTINUE)
+
+    def size_limit(self, rules: Sequence[str]) -> int | None:
+        """The size above which every rule named bounces the message; None if one never does."""
+        sizes = [self.bounce_sizes.get(name) for name in rules]
+        if not sizes or None in sizes:
+            return None
+        return max(size for size in sizes if size is not None)
+
+    def too_big(self, decisions: Sequence[RcptDecision], size: int) -> bool:
+        """True when every recipient of the message is handled and all of their rules bounce
+        a stored copy of `size` bytes: the message can be refused at end of data.
+
+        An unmanaged recipient, or `delivery: deliver` (Postfix delivers the message
+        too), keeps it: that delivery must not be refused for the actions' sake.
+        """
+        if self.config.delivery != "consume" or not decisions:
+            return False
+        for d in decisions:
+            if not d.handled:
+                if d.reply.verb == "continue":  # unmanaged: Postfix delivers it
+                    return False
+                continue  # refused at RCPT: not part of the message
+            limit = self.size_limit(d.rules)
+            if limit is None or size <= limit:
+                return False
+        return any(d.handled for d in decisions)
 
     # -- the message -----------------------------------------------------
     def plan(self, accepted: Sequence[RcptDecision]) -> list[RulePlan]:
@@ -237,6 +282,27 @@ def bounce_reply(action: BounceAction) -> Reply:
 
 # An SMTP reply line is at most 512 octets (RFC 5321 §4.5.3.1.5) with its code and status.
 _REPLY_TEXT = 400
+
+
+def bounce_size(rule: Rule) -> int | None:
+    """The stored-copy size above which `rule` surely bounces the message, or None.
+
+    SES bounces an email an S3 or SNS action cannot take (Action.EMAIL_LIMIT,
+    headers included).  The size counted is the message plus SES's prepended
+    headers; the AddHeaders the rule runs before the action are taken off its
+    limit.  Only actions reached whatever happens count: none after a Stop or a
+    RequestResponse Lambda (whose answer may end the rule first).
+    """
+    added = 0
+    limits: list[int] = []
+    for action in rule.actions:
+        if isinstance(action, AddHeaderAction):
+            added += len(f"{action.header_name}: {action.header_value}\r\n".encode())
+        elif action.EMAIL_LIMIT is not None:
+            limits.append(action.EMAIL_LIMIT - added)
+        elif isinstance(action, StopAction) or _waits_for_disposition(action):
+            break
+    return min(limits) if limits else None
 
 
 def _waits_for_disposition(action: object) -> bool:

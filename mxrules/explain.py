@@ -89,7 +89,7 @@ def explain(engine: Engine, tx: Transaction) -> dict[str, Any]:
                    "reply": None if mail.verb == "continue" else str(mail)}
     if mail.verb != "continue":
         return out
-    decisions: list[RcptDecision] = [engine.rcpt(r, tls=tx.tls, forwarded=trusted)
+    decisions: list[RcptDecision] = [engine.rcpt(r, tls=tx.tls, forwarded=trusted, size=tx.size)
                                      for r in tx.recipients]
     out["recipients"] = [
         {"recipient": d.recipient, "outcome": d.outcome, "rules": list(d.rules),

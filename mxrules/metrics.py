@@ -27,10 +27,10 @@ BILLING_CHUNK = 256 * 1024
 
 CONNECTION_RESULTS = ("accepted", "rejected")
 RECIPIENT_RESULTS = ("accepted", "unmanaged", "no-rule", "no-rule-set", "tls-required",
-                     "bounced")
+                     "bounced", "too-big")
 MESSAGE_RESULTS = ("spooled", "passed", "tempfail", "rejected")
 ACTION_TYPES = ("AddHeader", "S3", "SNS", "Lambda", "Bounce", "Stop")
-ACTION_OUTCOMES = ("ok", "retry", "failed")
+ACTION_OUTCOMES = ("ok", "retry", "failed", "bounced")
 JOB_RESULTS = ("done", "dead_lettered", "corrupt")
 RELOAD_RESULTS = ("ok", "failed")
 # Why a Bounce action sent no DSN (actions.bounce): the sender is not authenticated,
@@ -38,6 +38,7 @@ RELOAD_RESULTS = ("ok", "failed")
 BOUNCE_SUPPRESSIONS = ("unauthenticated", "sender-rate", "client-rate")
 # What can still go wrong once a message is stored (it stays answered as stored).
 POST_COMMIT_STEPS = ("add-header", "remove-header", "remove-recipient", "bookkeeping")
+RETENTION_REASONS = ("age", "size")
 
 
 class ConfigMetrics:
@@ -87,13 +88,15 @@ class MilterMetrics(ConfigMetrics):
             "mxrules_rejections_total",
             "SMTP rejections (5xx) the milter asked for, by stage (connect, mail, rcpt, data) "
             "and reason (block-filter, blocklist, size, no-rule, no-rule-set, tls-required, "
-            "bounced, unresolved-client).",
+            "bounced, unresolved-client, too-big: over the size limit of every rule the "
+            "recipient matched).",
             ["stage", "reason"], registry=registry)
         self.recipients = Counter(
             "mxrules_recipients_total",
             "Envelope recipients, by result (accepted: a rule takes it; unmanaged: not a "
             "managed domain, passed to Postfix; no-rule, no-rule-set, tls-required: refused; "
-            "bounced: refused with the reply of the Bounce action that is all its rules do).",
+            "bounced: refused with the reply of the Bounce action that is all its rules do; "
+            "too-big: refused, over the size limit of every rule it matched).",
             ["result"], registry=registry)
         for result in RECIPIENT_RESULTS:
             self.recipients.labels(result)

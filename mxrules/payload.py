@@ -61,8 +61,17 @@ Decided here where SES says nothing:
 - `Received-SPF` and `Authentication-Results` come from the scans, recorded in
   the job (`Job.auth_headers`, formatted, in order), and sit after the verdict
   headers, as in SES.
-- Size limits (SNS content ≤ 150 KB, S3 ≤ 40 MB, SNS/Lambda payload sizes) are
-  the actions' to enforce: nothing here cuts `commonHeaders` or `destination`.
+- Size: every payload must fit SNS's 256 KB (a published message) and Lambda's
+  256 KB (an Event payload), whatever the message holds -- 10,000 Cc addresses
+  made a 468 KB notification.  SES documents no cap but `headersTruncated`, so
+  the fields built from the message's own headers are capped here, counted in
+  bytes of their JSON (escapes included), whole items only, in order:
+  `destination` 10 KB (DESTINATION_LIMIT), each `commonHeaders` address list
+  2 KB (ADDRESS_LIST_LIMIT), each `commonHeaders` text 1 KB (TEXT_LIMIT, cut at
+  a character).  A payload still over its limit (thousands of tiny headers, an
+  SNS `content` near 150 KB in Base64) drops `mail.headers` from the end, as
+  SES's own truncation does, with `headersTruncated: true` (`fitted_json`).
+  The whole headers are always in the stored copy.
 """
 
 from __future__ import annotations
@@ -81,6 +90,7 @@ from email.utils import format_datetime, getaddresses
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from .ids import new_message_id
 from .rules import (
     Action,
     AddHeaderAction,
@@ -90,7 +100,7 @@ from .rules import (
     SNSAction,
     StopAction,
 )
-from .spool import Job, MatchedRule
+from .spool import Client, Job, MatchedRule, ses_timestamp
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -101,6 +111,12 @@ HEADERS_LIMIT = 10 * 1024  # SES: headers are truncated "if larger than 10 KB"
 # Headers whose values SES shows with RFC 2047 encoded words decoded.
 _DECODED = frozenset({"subject", "from", "sender", "reply-to", "to", "cc", "bcc"})
 _ATEXT = frozenset("!#$%&'*+-/=?^_`{|}~ ")
+# SNS's limit on a published message and Lambda's on an Event payload, in UTF-8 bytes.
+NOTIFICATION_LIMIT = 256 * 1024
+# Caps on the fields built from the message's own headers, in bytes of their JSON.
+DESTINATION_LIMIT = 10 * 1024
+ADDRESS_LIST_LIMIT = 2 * 1024
+TEXT_LIMIT = 1024
 
 Header = tuple[str, str]
 
@@ -244,6 +260,21 @@ def stored_copy_prefix(job: Job, added_headers: Iterable[Header] = ()) -> bytes:
     return "".join(f"{name}: {value}\r\n" for name, value in fields).encode("utf-8")
 
 
+def prefix_floor(mail_from: str, client: Client, hostname: str, first_recipient: str) -> int:
+    """The fewest bytes SES's prepended headers take on a message of this envelope.
+
+    Exact but for what only the end of data knows: verdict and authentication
+    headers (and AddHeaders), which only add.  A messageId and a timestamp have
+    one length, whatever their value.  For size checks before the message is stored.
+    """
+    job = Job(message_id=new_message_id(), queue_id="", received_at=ses_timestamp(),
+              rule_set="", mail_from=mail_from,
+              recipients=(first_recipient,) if first_recipient else (), client=client,
+              rules=(), in_stream_headers=(), hostname=hostname, message_size=0,
+              message_sha256="")
+    return len(stored_copy_prefix(job))
+
+
 def _one_line(value: str) -> str:
     """Values come from config and SMTP: a stray CR or LF must never start a new header."""
     return value.replace("\r", " ").replace("\n", " ")
@@ -348,11 +379,42 @@ def mail_object(job: Job, headers: Sequence[Header], *, truncated: bool) -> dict
         "timestamp": job.received_at,
         "source": job.mail_from,
         "messageId": job.message_id,
-        "destination": destination(headers),
+        "destination": cap_list(destination(headers, DESTINATION_LIMIT), DESTINATION_LIMIT),
         "headersTruncated": truncated or cut,
         "headers": [{"name": name, "value": value} for name, value in kept],
-        "commonHeaders": common_headers(headers),
+        "commonHeaders": {key: cap_list(value, ADDRESS_LIST_LIMIT) if isinstance(value, list)
+                          else cap_text(value, TEXT_LIMIT)
+                          for key, value in common_headers(headers).items()},
     }
+
+
+def json_size(value: Any) -> int:
+    """Bytes `value` takes in SES's JSON (escapes included)."""
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+
+
+def cap_list(items: list[str], limit: int) -> list[str]:
+    """The first items, whole, while their JSON array stays within `limit` bytes."""
+    size = 2  # []
+    for count, item in enumerate(items):
+        size += json_size(item) + (1 if count else 0)  # the comma
+        if size > limit:
+            return items[:count]
+    return items
+
+
+def cap_text(value: str, limit: int) -> str:
+    """`value`, cut at a character so that its JSON string stays within `limit` bytes."""
+    if json_size(value) <= limit:
+        return value
+    low, high = 0, len(value)  # value[:low] fits, value[:high] does not
+    while high - low > 1:
+        middle = (low + high) // 2
+        if json_size(value[:middle]) <= limit:
+            low = middle
+        else:
+            high = middle
+    return value[:low]
 
 
 def _first_10kb(headers: Sequence[Header]) -> tuple[Sequence[Header], bool]:
@@ -395,12 +457,23 @@ def _part(chunk: bytes | str, charset: str | None) -> str:
     return chunk.decode(charset.partition("*")[0], errors="replace")
 
 
-def destination(headers: Sequence[Header]) -> list[str]:
-    """Every address in the To and Cc headers, in order (SES's `mail.destination`)."""
+def destination(headers: Sequence[Header], limit: int | None = None) -> list[str]:
+    """Every address in the To and Cc headers, in order (SES's `mail.destination`).
+
+    With `limit`, headers stop being parsed once the addresses found take more
+    than `limit` bytes of JSON: cap_list would drop the rest anyway, and 10,000
+    addresses cost a second of parsing.
+    """
     found: list[str] = []
+    size = 2
     for name, value in headers:
         if name.lower() in ("to", "cc"):
-            found.extend(addr for _name, addr in _addresses(value) if addr)
+            addresses = [addr for _name, addr in _addresses(value) if addr]
+            found.extend(addresses)
+            if limit is not None:
+                size += sum(json_size(addr) + 1 for addr in addresses)
+                if size > limit:
+                    break
     return found
 
 
@@ -614,11 +687,13 @@ def encode_content(content: bytes, encoding: str) -> str:
 
 def notification_json(job: Job, matched: MatchedRule, action: Action, *,
                       headers: Sequence[Header], truncated: bool, processing_ms: int,
-                      content: bytes | None = None, encoding: str | None = None) -> str:
-    """The SNS message exactly as SES serialises it: compact, non-ASCII as is."""
-    return to_json(notification(job, matched, action, headers=headers, truncated=truncated,
-                                processing_ms=processing_ms, content=content,
-                                encoding=encoding))
+                      content: bytes | None = None, encoding: str | None = None,
+                      limit: int = NOTIFICATION_LIMIT) -> str:
+    """The SNS message exactly as SES serialises it (compact, non-ASCII as is), fitted
+    within `limit` bytes; PayloadTooLarge if it cannot be."""
+    body = notification(job, matched, action, headers=headers, truncated=truncated,
+                        processing_ms=processing_ms, content=content, encoding=encoding)
+    return fitted_json(body, body["mail"], limit)
 
 
 def lambda_event(job: Job, matched: MatchedRule, action: Action, *,
@@ -633,6 +708,46 @@ def lambda_event(job: Job, matched: MatchedRule, action: Action, *,
             "receipt": receipt_object(job, matched, action, processing_ms=processing_ms),
         },
     }]}
+
+
+def lambda_event_json(job: Job, matched: MatchedRule, action: Action, *,
+                      headers: Sequence[Header], truncated: bool, processing_ms: int,
+                      limit: int = NOTIFICATION_LIMIT) -> str:
+    """The Lambda event as JSON, fitted within `limit` bytes (see fitted_json)."""
+    event = lambda_event(job, matched, action, headers=headers, truncated=truncated,
+                         processing_ms=processing_ms)
+    return fitted_json(event, event["Records"][0]["ses"]["mail"], limit)
+
+
+class PayloadTooLarge(ValueError):
+    """A payload over its limit even without `mail.headers`: no cap can make it fit."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"{size} bytes, over the limit of {limit} even without mail.headers")
+        self.size = size
+        self.limit = limit
+
+
+def fitted_json(payload: dict[str, Any], mail: dict[str, Any], limit: int) -> str:
+    """`payload` as SES's JSON within `limit` bytes (UTF-8).
+
+    Over the limit, `mail.headers` (part of `payload`) loses headers from the end
+    until it fits and `headersTruncated` is true: SES's own truncation, taken
+    further.  Only the other fields left over the limit raise PayloadTooLarge.
+    """
+    text = to_json(payload)
+    excess = len(text.encode("utf-8")) - limit
+    if excess <= 0:
+        return text
+    headers = mail["headers"]
+    while headers and excess > 0:
+        excess -= json_size(headers.pop()) + 1  # the header and its comma
+    mail["headersTruncated"] = True
+    text = to_json(payload)
+    size = len(text.encode("utf-8"))
+    if size > limit:
+        raise PayloadTooLarge(size, limit)
+    return text
 
 
 def to_json(payload: dict[str, Any]) -> str:

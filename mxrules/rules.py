@@ -14,6 +14,14 @@ from typing import Any, ClassVar, Literal
 
 TlsPolicy = Literal["Require", "Optional"]
 
+# SES's limits on the email an action takes, SES's prepended headers included.  S3:
+# "the maximum email size (including headers) is 40 MB. Emails larger than that
+# bounces." (SES API reference, S3Action; receiving-email-action-s3.md).  SNS: "the
+# maximum email size (including headers) is 150 KB. Larger emails will bounce."
+# (receiving-email-action-sns.md, quotas.md); the notification itself may be larger.
+S3_EMAIL_LIMIT = 40 * 1024 * 1024
+SNS_EMAIL_LIMIT = 150 * 1024
+
 
 def camel(snake: str) -> str:
     """`bucket_name` -> `BucketName`: SES's API spelling of a field."""
@@ -26,6 +34,9 @@ class Action:
 
     KEY: ClassVar[str]  # YAML key: `- s3: {...}`
     TYPE: ClassVar[str]  # SES `receipt.action.type`
+    # SES's limit on the email (with the headers SES prepends) this action can take;
+    # larger emails bounce.  None: no limit of the action's own.
+    EMAIL_LIMIT: ClassVar[int | None] = None
     topic_arn: str | None = None
 
     @property
@@ -54,6 +65,7 @@ class AddHeaderAction(Action):
 class S3Action(Action):
     KEY: ClassVar[str] = "s3"
     TYPE: ClassVar[str] = "S3"
+    EMAIL_LIMIT: ClassVar[int | None] = S3_EMAIL_LIMIT
     bucket_name: str = ""
     object_key_prefix: str | None = None
     kms_key_arn: str | None = None
@@ -63,6 +75,7 @@ class S3Action(Action):
 class SNSAction(Action):
     KEY: ClassVar[str] = "sns"
     TYPE: ClassVar[str] = "SNS"
+    EMAIL_LIMIT: ClassVar[int | None] = SNS_EMAIL_LIMIT
     encoding: str = "UTF-8"
 
 

@@ -24,7 +24,7 @@ from harness.mxrules_proc import MilterProcess, WorkerProcess
 from harness.ports import free_port
 from harness.postfix import Postfix
 from harness.sink import SmtpSink
-from harness.smtp import Result, send
+from harness.smtp import Client, Result, send
 from harness.stack import message, write_config
 from harness.waiting import wait_until
 from mxrules.spool import STATES, Spool
@@ -452,3 +452,152 @@ def test_sigterm_drains_the_worker(make_loop: Any) -> None:
     loop.worker.signal(signal.SIGTERM)
     assert loop.worker.proc.wait(15) == 0
     assert "draining" in loop.worker.log() and "worker stopped" in loop.worker.log()
+
+# -- SES's size limits, and what happens when an action cannot be done ----------------
+
+NEAR_S3_LIMIT = 41_942_940  # 100 bytes under 40 MiB: SES's own headers push it over
+
+
+def sized(head: bytes, size: int, unit: str = "x") -> bytes:
+    """`head` (headers and the empty line) and a body of `unit` lines: `size` bytes in all."""
+    line = (unit * (76 // len(unit.encode()))).encode() + b"\r\n"
+    need = size - len(head)
+    body = line * max(0, need // len(line) - 1)
+    rest = need - len(body)  # one last line of ASCII, CRLF ended
+    assert rest >= 2
+    message = head + body + b"z" * (rest - 2) + b"\r\n"
+    assert len(message) == size
+    return message
+
+
+def _dsns(loop: Loop, count: int) -> list[str]:
+    return [m.data.decode(errors="replace") for m in loop.sink.wait_for(count)]
+
+
+def test_near_40_mb_message_is_refused_during_smtp_or_bounced_never_dead_lettered(
+        make_loop: Any) -> None:
+    def rules(res: dict[str, str]) -> list[dict[str, Any]]:
+        return [{"name": "store", "enabled": True, "recipients": ["user@example.com"],
+                 "actions": [{"s3": {"bucket_name": res["bucket"]}}]},
+                {"name": "call", "enabled": True, "recipients": ["other@example.com"],
+                 "actions": [{"lambda": {"function_arn": res["function"]}}]}]
+    # The sender is not authenticated (no SPF here): SES bounces to it all the same,
+    # which is the Bounce machinery's choice to make (README, Bounce).
+    loop: Loop = make_loop(rules, bounce={"require_authenticated_sender": False})
+    msg = sized(message("a@sender.test", ["user@example.com"], body=""), NEAR_S3_LIMIT)
+    # Declared with SIZE=: the recipient is refused at RCPT, the 40 MB is never sent.
+    with Client("127.0.0.1", loop.postfix.smtp_port) as client:
+        client.ehlo()
+        assert client.mail("a@sender.test", size=len(msg))[0] == 250
+        code, text = client.rcpt("user@example.com")
+        assert code == 550 and text.startswith("5.3.4"), (code, text)
+        assert client.rcpt("other@example.com")[0] == 250  # its rule has no size limit
+    # Not declared: refused at end of data, nothing stored.
+    r = send("127.0.0.1", loop.postfix.smtp_port, "a@sender.test", ["user@example.com"], msg)
+    assert r.data is not None and r.data[0] == 552 and r.data[1].startswith("5.3.4"), r
+    assert loop.counts() == dict.fromkeys(STATES, 0)
+    # With a recipient whose rule takes it, the message is accepted; the S3 action then
+    # bounces it as SES does (a DSN), and the other rule's Lambda runs.
+    r = send("127.0.0.1", loop.postfix.smtp_port, "a@sender.test",
+             ["user@example.com", "other@example.com"], msg)
+    assert r.data is not None and r.data[0] == 250, r
+    assert loop.wait_idle(timeout=60) == dict.fromkeys(STATES, 0)
+    assert loop.moto.s3_keys(loop.bucket) == []
+    [dsn] = _dsns(loop, 1)
+    assert "Final-Recipient: rfc822; user@example.com" in dsn and "Status: 5.3.4" in dsn
+    assert "other@example.com" not in dsn.split("Content-Type: text/rfc822-headers")[0]
+    assert len(loop.moto.lambda_invocations("mail-fn")) == 1
+    assert "dead-lettered" not in loop.worker.log()
+
+
+def test_sns_publishes_emails_up_to_150_kb_whatever_the_encoding(make_loop: Any) -> None:
+    def rules(res: dict[str, str]) -> list[dict[str, Any]]:
+        return [{"name": "b64", "enabled": True, "recipients": ["b64@example.com"],
+                 "actions": [{"sns": {"topic_arn": res["topic"], "encoding": "Base64"}}]},
+                {"name": "utf8", "enabled": True, "recipients": ["utf8@example.com"],
+                 "actions": [{"sns": {"topic_arn": res["topic"], "encoding": "UTF-8"}}]}]
+    loop: Loop = make_loop(rules)
+    b64 = sized(message("a@sender.test", ["b64@example.com"], body=""), 112 * 1024)
+    utf8 = sized(message("a@sender.test", ["utf8@example.com"], body=""), 149 * 1024, "é")
+    loop.send(["b64@example.com"], b64)
+    loop.send(["utf8@example.com"], utf8)
+    assert loop.wait_idle()["failed"] == 0
+    published = {}
+    for envelope in loop.moto.sns_messages(loop.queue, 2):
+        note = json.loads(envelope["Message"])
+        published[note["receipt"]["recipients"][0]] = (note, len(envelope["Message"].encode()))
+    note, size = published["b64@example.com"]
+    stored = base64.b64decode(note["content"])
+    assert stored.startswith(b"Return-Path: <a@sender.test>\r\n") and stored.endswith(b64)
+    # The notification is over 150 KB: that limit is the email's, SNS takes 256 KB.
+    assert 150 * 1024 < size <= 256 * 1024, size
+    note, size = published["utf8@example.com"]
+    assert note["content"].encode().endswith(utf8)
+    assert 150 * 1024 < size <= 256 * 1024, size
+
+
+def test_email_over_150_kb_for_sns_is_refused_in_session_or_bounced(make_loop: Any) -> None:
+    def rules(res: dict[str, str]) -> list[dict[str, Any]]:
+        return [{"name": "publish", "enabled": True, "recipients": ["sns@example.com"],
+                 "actions": [{"sns": {"topic_arn": res["topic"], "encoding": "UTF-8"}}]},
+                {"name": "store", "enabled": True, "recipients": ["store@example.com"],
+                 "actions": [{"s3": {"bucket_name": res["bucket"]}}]}]
+    # The sender is not authenticated (no SPF here): SES bounces to it all the same,
+    # which is the Bounce machinery's choice to make (README, Bounce).
+    loop: Loop = make_loop(rules, bounce={"require_authenticated_sender": False})
+    big = sized(message("a@sender.test", ["sns@example.com"], body=""), 151 * 1024)
+    with Client("127.0.0.1", loop.postfix.smtp_port) as client:  # SIZE= declared
+        client.ehlo()
+        assert client.mail("a@sender.test", size=len(big))[0] == 250
+        code, text = client.rcpt("sns@example.com")
+        assert code == 550 and text.startswith("5.3.4"), (code, text)
+        assert client.rcpt("store@example.com")[0] == 250
+    r = send("127.0.0.1", loop.postfix.smtp_port, "a@sender.test", ["sns@example.com"], big)
+    assert r.data is not None and r.data[0] == 552 and r.data[1].startswith("5.3.4"), r
+    assert loop.counts() == dict.fromkeys(STATES, 0)
+    # Another recipient's rule takes it: accepted, stored in S3, and the SNS rule's
+    # recipient bounced with a DSN -- not a dead letter.
+    loop.send(["sns@example.com", "store@example.com"], big)
+    assert loop.wait_idle() == dict.fromkeys(STATES, 0)
+    assert len(loop.moto.s3_keys(loop.bucket)) == 1
+    [dsn] = _dsns(loop, 1)
+    assert loop.sink.messages[0].rcpt_tos == ("a@sender.test",)
+    report = dsn.split("Content-Type: text/rfc822-headers")[0]
+    assert "Final-Recipient: rfc822; sns@example.com" in report and "Status: 5.3.4" in report
+    assert "store@example.com" not in report
+    assert loop.moto.sns_messages(loop.queue, 0, timeout=1) == []
+
+
+def test_10000_cc_notification_and_lambda_event_fit_and_are_delivered(make_loop: Any) -> None:
+    def rules(res: dict[str, str]) -> list[dict[str, Any]]:
+        return [{"name": "list", "enabled": True, "recipients": ["user@example.com"],
+                 "actions": [{"sns": {"topic_arn": res["topic"], "encoding": "Base64"}},
+                             {"lambda": {"function_arn": res["function"]}}]}]
+    loop: Loop = make_loop(rules)
+    # Ten Cc headers of 1,000 addresses: each within Postfix's header_size_limit and
+    # header_address_token_limit, so Postfix passes all 10,000 on.
+    cc = "".join("Cc: " + ",\r\n ".join(",".join(f"{n}@c.test" for n in range(j, j + 5))
+                                         for j in range(i, i + 1000, 5)) + "\r\n"
+                 for i in range(0, 10000, 1000))
+    head = message("a@sender.test", ["user@example.com"], body="")
+    head = head.replace(b"\r\n\r\n", b"\r\n" + cc.encode() + b"\r\n", 1)
+    msg = sized(head, 149 * 1024)
+    loop.send(["user@example.com"], msg)
+    assert loop.wait_idle() == dict.fromkeys(STATES, 0)
+    [envelope] = loop.moto.sns_messages(loop.queue, 1)
+    assert len(envelope["Message"].encode()) <= 256 * 1024
+    note = json.loads(envelope["Message"])
+    assert base64.b64decode(note["content"]).endswith(msg)  # the whole message is there
+    [call] = loop.moto.lambda_invocations("mail-fn")
+    assert len(call.payload) <= 256 * 1024
+    event_mail = call.json()["Records"][0]["ses"]["mail"]
+    for mail in (note["mail"], event_mail):
+        destination = mail["destination"]
+        assert destination[:3] == ["user@example.com", "0@c.test", "1@c.test"]
+        assert 100 < len(destination) < 10001
+        assert len(json.dumps(destination, separators=(",", ":")).encode()) <= 10 * 1024
+        cc_list = mail["commonHeaders"]["cc"]
+        assert cc_list[:2] == ["0@c.test", "1@c.test"]
+        assert len(json.dumps(cc_list, separators=(",", ":")).encode()) <= 2 * 1024
+        assert mail["headersTruncated"] is True
+

@@ -142,7 +142,8 @@ def _assert_series(prom: PrometheusServer) -> int:
     assert prom.values('sum by (reason) (mxrules_rejections_total{job="mxrules-milter"})',
                        "reason") == {"no-rule": 1, "block-filter": 1}
     assert prom.values('mxrules_recipients_total{job="mxrules-milter", result!="tls-required",'
-                       ' result!="no-rule-set", result!="bounced"}', "result") == {
+                       ' result!="no-rule-set", result!="bounced",'
+                       ' result!="too-big"}', "result") == {
         "accepted": 3, "no-rule": 1, "unmanaged": 2}
     assert prom.values('mxrules_connections_total{result="rejected"}', "result") == {
         "rejected": 1}

@@ -18,6 +18,7 @@ import re
 import socket
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.utils import parsedate_to_datetime
@@ -44,10 +45,11 @@ from mxrules.actions.bounce import (
     read_header_block,
     run,
     send_dsn,
+    too_big,
 )
 from mxrules.actions.bounce_limit import BounceLimiter
 from mxrules.config import WorkerSettings
-from mxrules.rules import BounceAction, Rule
+from mxrules.rules import Action, BounceAction, Rule, S3Action, SNSAction
 from mxrules.spool import Client, Job, MatchedRule
 
 NOW = datetime(2026, 1, 1, 0, 0, 5, tzinfo=UTC)
@@ -782,3 +784,36 @@ def test_relay_without_smtputf8_is_permanent_for_a_utf8_address() -> None:
     finally:
         controller.stop()
     assert handler.received == 0
+
+
+# -- an email over an S3 or SNS action's size limit ----------------------------------
+
+@pytest.mark.parametrize("action", [
+    pytest.param(S3Action(bucket_name="mail-bucket"), id="s3"),
+    pytest.param(SNSAction(topic_arn="arn:aws:sns:us-east-1:123456789012:t"), id="sns"),
+])
+def test_too_big_sends_a_552_dsn_as_a_bounce_action_would(tmp_path: Path, sink: SmtpSink,
+                                                          action: Action) -> None:
+    ctx = replace(_context(tmp_path, f"127.0.0.1:{sink.port}", job=_job()),
+                  action=action)
+    outcome = too_big(ctx, 200_000, 153_600)
+    assert outcome.bounced and outcome.suppressed == ""
+    assert outcome.detail.startswith(f"message of 200000 bytes, over the {action.TYPE} limit "
+                                     "of 153600: bounced 1 recipient")
+    (got,) = sink.wait_for(1, timeout=10)
+    assert (got.mail_from, got.rcpt_tos) == (NULL_SENDER, (SENDER,))
+    msg = _assert_well_formed(got.data, 1)
+    [block] = _report_blocks(msg)[1:]
+    assert (block["Final-Recipient"], block["Status"]) == (f"rfc822; {RCPT}", "5.3.4")
+    assert f"the 153600 bytes the receiving system's {action.TYPE} action" in " ".join(
+        _parts(msg)[0].get_payload(decode=True).decode().split())
+
+
+def test_too_big_to_an_unauthenticated_sender_is_suppressed_not_failed(
+        tmp_path: Path, silent_port: socket.socket) -> None:
+    ctx = replace(_context(tmp_path, f"127.0.0.1:{silent_port.getsockname()[1]}",
+                           job=_job(verdicts=UNAUTHENTICATED)),
+                  action=SNSAction(topic_arn="arn:aws:sns:us-east-1:123456789012:t"))
+    outcome = too_big(ctx, 160_000, 153_600)
+    assert (outcome.bounced, outcome.suppressed) == (True, "unauthenticated")
+    assert _no_connection(silent_port)

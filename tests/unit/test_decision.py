@@ -10,17 +10,20 @@ from mxrules.config import load
 from mxrules.decision import (
     CONTINUE,
     TOO_BIG,
+    TOO_BIG_FOR_ACTIONS,
     Engine,
     RcptDecision,
     Reply,
     RulePlan,
     bare,
     bounce_reply,
+    bounce_size,
     in_stream_headers,
     rcpt_bounce,
 )
 from mxrules.ipfilter import parse_ip
 from mxrules.rules import (
+    Action,
     AddHeaderAction,
     BounceAction,
     LambdaAction,
@@ -480,3 +483,122 @@ def test_rcpt_refuses_a_recipient_that_would_only_be_bounced(
     assert decision.handled is (outcome == "accepted")
     other = engine.rcpt("alice@example.com", tls=False, forwarded=forwarded)
     assert other.outcome == "accepted"
+
+# -- SES's size limits on S3 and SNS actions --------------------------------------
+
+S3_LIMIT, SNS_LIMIT = 40 * 1024 * 1024, 150 * 1024
+HEADER = AddHeaderAction(header_name="X-A", header_value="12345")  # "X-A: 12345\r\n": 12 bytes
+RR = LambdaAction(function_arn="arn:aws:lambda:us-east-1:1:function:f",
+                  invocation_type="RequestResponse")
+
+
+@pytest.mark.parametrize(
+    ("actions", "size"),
+    [
+        pytest.param((S3Action(bucket_name="b"),), S3_LIMIT, id="s3"),
+        pytest.param((SNSAction(topic_arn="t"),), SNS_LIMIT, id="sns"),
+        pytest.param((S3Action(bucket_name="b"), SNSAction(topic_arn="t")), SNS_LIMIT,
+                     id="the-smaller-limit"),
+        pytest.param((HEADER, SNSAction(topic_arn="t")), SNS_LIMIT - 12,
+                     id="addheader-before-counts"),
+        pytest.param((SNSAction(topic_arn="t"), HEADER), SNS_LIMIT, id="addheader-after-not"),
+        pytest.param((RR, SNSAction(topic_arn="t")), None, id="after-request-response"),
+        pytest.param((LambdaAction(function_arn="f"), SNSAction(topic_arn="t")), SNS_LIMIT,
+                     id="after-event-lambda"),
+        pytest.param((StopAction(), SNSAction(topic_arn="t")), None, id="after-stop"),
+        pytest.param((S3Action(bucket_name="b"), StopAction(), SNSAction(topic_arn="t")),
+                     S3_LIMIT, id="before-stop"),
+        pytest.param((BounceAction(smtp_reply_code="550", message="m", sender="s"),), None,
+                     id="no-limited-action"),
+        pytest.param((), None, id="no-action"),
+    ],
+)
+def test_bounce_size(actions: tuple[Action, ...], size: int | None) -> None:
+    assert bounce_size(Rule(name="r", enabled=True, actions=actions)) == size
+
+
+SIZED = """\
+domains: [example.com]
+delivery: {delivery}
+rule_sets:
+  default:
+    - name: publish
+      enabled: true
+      recipients: [sns@example.com, both@example.com]
+      actions: [{{sns: {{topic_arn: "arn:aws:sns:us-east-1:1:t"}}}}]
+    - name: store
+      enabled: true
+      recipients: [s3@example.com, both@example.com]
+      actions: [{{s3: {{bucket_name: mail-bucket}}}}]
+    - name: call
+      enabled: true
+      recipients: [call@example.com]
+      actions: [{{lambda: {{function_arn: "arn:aws:lambda:us-east-1:1:function:f"}}}}]
+"""
+
+
+@pytest.mark.parametrize(
+    ("rcpt", "size", "outcome"),
+    [
+        pytest.param("sns@example.com", None, "accepted", id="no-size"),
+        pytest.param("sns@example.com", SNS_LIMIT, "accepted", id="sns-at-the-limit"),
+        pytest.param("sns@example.com", SNS_LIMIT + 1, "too-big", id="sns-over"),
+        pytest.param("s3@example.com", SNS_LIMIT + 1, "accepted", id="s3-under"),
+        pytest.param("s3@example.com", S3_LIMIT + 1, "too-big", id="s3-over"),
+        pytest.param("both@example.com", SNS_LIMIT + 1, "accepted", id="one-rule-takes-it"),
+        pytest.param("both@example.com", S3_LIMIT + 1, "too-big", id="every-rule-bounces"),
+        pytest.param("call@example.com", S3_LIMIT + 1, "accepted", id="no-limit"),
+    ],
+)
+def test_rcpt_refuses_a_recipient_every_rule_of_which_would_bounce(
+        tmp_path, rcpt: str, size: int | None, outcome: str) -> None:
+    decision = _engine(tmp_path, SIZED.format(delivery="consume")).rcpt(rcpt, tls=False,
+                                                                        size=size)
+    assert decision.outcome == outcome
+    if outcome == "too-big":
+        limit = SNS_LIMIT if rcpt == "sns@example.com" else S3_LIMIT
+        assert str(decision.reply) == (f"550 5.3.4 <{rcpt}>: Recipient address rejected: "
+                                       f"message size exceeds the limit of {limit} bytes")
+    else:
+        assert decision.reply == CONTINUE
+
+
+def test_rcpt_never_refuses_for_size_when_postfix_delivers_too(tmp_path) -> None:
+    engine = _engine(tmp_path, SIZED.format(delivery="deliver"))
+    assert engine.rcpt("sns@example.com", tls=False, size=S3_LIMIT + 1).outcome == "accepted"
+
+
+def test_rcpt_never_refuses_a_trusted_forwarders_recipient_for_size(tmp_path) -> None:
+    """The forwarder would send the DSN to whatever sender the mail claims."""
+    engine = _engine(tmp_path, SIZED.format(delivery="consume"))
+    decision = engine.rcpt("sns@example.com", tls=False, forwarded=True, size=S3_LIMIT + 1)
+    assert decision.outcome == "accepted"
+
+
+@pytest.mark.parametrize(
+    ("rcpts", "size", "too_big"),
+    [
+        pytest.param(["sns@example.com"], SNS_LIMIT + 1, True, id="one-over"),
+        pytest.param(["sns@example.com"], SNS_LIMIT, False, id="at-the-limit"),
+        pytest.param(["sns@example.com", "s3@example.com"], SNS_LIMIT + 1, False,
+                     id="another-takes-it"),
+        pytest.param(["sns@example.com", "s3@example.com"], S3_LIMIT + 1, True, id="all-over"),
+        pytest.param(["sns@example.com", "friend@elsewhere.test"], S3_LIMIT + 1, False,
+                     id="an-unmanaged-recipient"),
+        pytest.param(["sns@example.com", "nobody@example.com"], SNS_LIMIT + 1, True,
+                     id="a-refused-recipient-is-not-counted"),
+        pytest.param(["call@example.com"], S3_LIMIT + 1, False, id="no-limit"),
+        pytest.param(["friend@elsewhere.test"], S3_LIMIT + 1, False, id="nothing-handled"),
+    ],
+)
+def test_too_big_at_end_of_data(tmp_path, rcpts: list[str], size: int, too_big: bool) -> None:
+    engine = _engine(tmp_path, SIZED.format(delivery="consume"))
+    decisions = [engine.rcpt(r, tls=False) for r in rcpts]
+    assert engine.too_big(decisions, size) is too_big
+    deliver = _engine(tmp_path, SIZED.format(delivery="deliver"), name="deliver.yaml")
+    assert deliver.too_big([deliver.rcpt(r, tls=False) for r in rcpts], size) is False
+
+
+def test_too_big_for_actions_reply_text() -> None:
+    assert str(TOO_BIG_FOR_ACTIONS) == (
+        "552 5.3.4 Message size exceeds the limit of the receipt rules' actions")

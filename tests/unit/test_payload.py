@@ -846,3 +846,133 @@ def test_scanned_job_carries_verdicts_policy_and_auth_headers_in_ses_order(tmp_p
                                  processing_ms=5)
     mail_headers = event["Records"][0]["ses"]["mail"]["headers"]
     assert {"name": "X-SES-Spam-Verdict", "value": "FAIL"} in mail_headers
+
+
+# -- payloads always fit SNS's and Lambda's 256 KB ----------------------------------------
+
+def _compact(value: Any) -> int:
+    return len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+
+
+@pytest.mark.parametrize(
+    ("items", "limit", "kept"),
+    [
+        pytest.param(["a@b.c", "d@e.f"], 100, 2, id="all-fit"),
+        pytest.param(["a@b.c", "d@e.f"], len('["a@b.c","d@e.f"]'), 2, id="exactly"),
+        pytest.param(["a@b.c", "d@e.f"], len('["a@b.c","d@e.f"]') - 1, 1, id="one-byte-short"),
+        pytest.param(["x" * 100, "a@b.c"], 50, 0, id="whole-items-only-in-order"),
+        pytest.param(['"quoted"@b.c'], len('["\\"quoted\\"@b.c"]'), 1, id="escapes-counted"),
+        pytest.param([], 2, 0, id="empty"),
+    ],
+)
+def test_cap_list(items: list[str], limit: int, kept: int) -> None:
+    capped = payload.cap_list(items, limit)
+    assert capped == items[:kept]
+    assert _compact(capped) <= limit
+
+
+@pytest.mark.parametrize(
+    ("value", "limit", "expected"),
+    [
+        pytest.param("Hello", 7, "Hello", id="fits"),
+        pytest.param("Hello", 6, "Hell", id="cut"),
+        pytest.param("héllo", 5, "hé", id="counted-in-utf8-bytes"),
+        pytest.param("a\x01b", 8, "a", id="escape-never-split"),
+        pytest.param("✓✓", 4, "", id="nothing-fits"),
+    ],
+)
+def test_cap_text(value: str, limit: int, expected: str) -> None:
+    assert payload.cap_text(value, limit) == expected
+    assert _compact(expected) <= limit
+
+
+def _many_cc(count: int) -> list[tuple[str, str]]:
+    return [("From", "a@sender.test"), ("To", "user@example.com"),
+            *[("Cc", ", ".join(f"{n}@c.test" for n in range(i, i + 1000)))
+              for i in range(0, count, 1000)],
+            ("Subject", "x" * 5000)]
+
+
+def test_mail_object_caps_the_fields_built_from_the_headers() -> None:
+    headers = _many_cc(10_000)
+    mail = mail_object(_job(), headers, truncated=False)
+    dest = mail["destination"]
+    assert dest == ["user@example.com", *(f"{n}@c.test" for n in range(len(dest) - 1))]
+    assert payload.DESTINATION_LIMIT - 14 < _compact(dest) <= payload.DESTINATION_LIMIT
+    common = mail["commonHeaders"]
+    assert common["cc"] == [f"{n}@c.test" for n in range(len(common["cc"]))]
+    assert payload.ADDRESS_LIST_LIMIT - 14 < _compact(common["cc"]) <= payload.ADDRESS_LIST_LIMIT
+    assert common["subject"] == "x" * (payload.TEXT_LIMIT - 2)
+    assert common["to"] == ["user@example.com"] and common["from"] == ["a@sender.test"]
+    assert mail["headersTruncated"] is True  # SES's 10 KB of headers
+
+
+def _fitted(tmp_path: Path, data: bytes, headers: list[tuple[str, str]], encoding: str,
+            limit: int = payload.NOTIFICATION_LIMIT) -> tuple[str, dict[str, Any]]:
+    action = SNSAction(topic_arn=TOPIC, encoding=encoding)
+    matched = MatchedRule(_rule(action), ("info@example.com",))
+    text = notification_json(_job(data=data), matched, action, headers=headers,
+                             truncated=False, processing_ms=1, content=data, limit=limit)
+    return text, json.loads(text)
+
+
+@pytest.mark.parametrize("headers", [
+    pytest.param(_many_cc(10_000), id="10000-cc"),
+    pytest.param([(f"X-{n}", "") for n in range(3000)], id="thousands-of-tiny-headers"),
+    pytest.param([("X-C", "\x01" * 900)] * 11, id="control-characters"),
+])
+def test_a_150_kb_base64_notification_fits_whatever_the_headers(
+        tmp_path: Path, headers: list[tuple[str, str]]) -> None:
+    data = b"x" * (150 * 1024)
+    text, note = _fitted(tmp_path, data, headers, "Base64")
+    assert len(text.encode()) <= payload.NOTIFICATION_LIMIT
+    assert base64.b64decode(note["content"]) == data
+    assert note["mail"]["headersTruncated"] is True
+
+
+def test_fitting_drops_headers_from_the_end_only_as_needed(tmp_path: Path) -> None:
+    headers = [(f"X-{n}", "v" * 50) for n in range(100)]
+    full, _ = _fitted(tmp_path, b"x", headers, "UTF-8", limit=10**6)
+    limit = len(full.encode()) - 200
+    text, note = _fitted(tmp_path, b"x", headers, "UTF-8", limit=limit)
+    kept = note["mail"]["headers"]
+    assert kept == [{"name": f"X-{n}", "value": "v" * 50} for n in range(len(kept))]
+    assert limit - 70 < len(text.encode()) <= limit  # one header is about 70 bytes
+    assert note["mail"]["headersTruncated"] is True
+
+
+def test_a_payload_that_cannot_fit_raises(tmp_path: Path) -> None:
+    data = b"\x01" * (150 * 1024)  # six bytes each in JSON (\u0001)
+    with pytest.raises(payload.PayloadTooLarge) as caught:
+        _fitted(tmp_path, data, [], "UTF-8")
+    assert caught.value.size > caught.value.limit == payload.NOTIFICATION_LIMIT
+
+
+def test_lambda_event_json_is_fitted_too() -> None:
+    action = LambdaAction(function_arn=FUNCTION)
+    matched = MatchedRule(_rule(action), ("info@example.com",))
+    headers = [(f"X-{n}", "") for n in range(3000)]
+    text = payload.lambda_event_json(_job(), matched, action, headers=headers,
+                                     truncated=False, processing_ms=1, limit=20_000)
+    assert len(text.encode()) <= 20_000
+    assert json.loads(text)["Records"][0]["ses"]["mail"]["headersTruncated"] is True
+
+
+@pytest.mark.parametrize("client", [
+    pytest.param(Client("192.0.2.1", "mail.example.net", "helo.example.net"), id="named"),
+    pytest.param(Client("2001:db8::1"), id="ipv6-unknown"),
+])
+def test_prefix_floor_is_the_prefix_without_scan_headers(client: Client) -> None:
+    job = _job(client=client, recipients=("info@example.com",), verdicts={})
+    floor = payload.prefix_floor(job.mail_from, client, job.hostname, "info@example.com")
+    assert floor == len(stored_copy_prefix(job))
+    scanned = _job(client=client, recipients=("info@example.com",), verdicts=dict(ALL_PASS),
+                   auth_headers=(("Authentication-Results", "mx.example.com; spf=pass"),))
+    assert floor < len(stored_copy_prefix(scanned))
+
+
+@pytest.mark.parametrize("limit", [2, 20, 100, 10 * 1024, 10**7])
+def test_destination_parsing_stops_only_where_the_cap_would_cut(limit: int) -> None:
+    headers = _many_cc(10_000)
+    assert (payload.cap_list(destination(headers, limit), limit)
+            == payload.cap_list(destination(headers), limit))

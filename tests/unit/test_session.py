@@ -10,8 +10,16 @@ import textwrap
 import pytest
 from prometheus_client import CollectorRegistry
 
+from mxrules import payload
 from mxrules.config import load
-from mxrules.decision import CONTINUE, TEMPFAIL_INTERNAL, TEMPFAIL_SPOOL, TOO_BIG, Engine
+from mxrules.decision import (
+    CONTINUE,
+    TEMPFAIL_INTERNAL,
+    TEMPFAIL_SPOOL,
+    TOO_BIG,
+    TOO_BIG_FOR_ACTIONS,
+    Engine,
+)
 from mxrules.ids import is_message_id
 from mxrules.metrics import MilterMetrics
 from mxrules.milter.session import (
@@ -723,3 +731,70 @@ def test_non_forwarded_client_is_filtered_at_connect_as_before(fwd_runtime) -> N
     assert result.reply == CONTINUE
     job = fwd_runtime.spool.load("incoming", result.message_id)
     assert (job.client.address, job.client.forwarded_by) == ("203.0.113.5", "")
+
+
+# -- SES's action size limits, judged during SMTP ------------------------------------
+
+SNS_CONFIG = """\
+hostname: mx.example.com
+domains: [example.com]
+max_message_size: 1048576
+rule_sets:
+  default:
+    - name: publish
+      enabled: true
+      recipients: [sns@example.com]
+      actions: [{sns: {topic_arn: "arn:aws:sns:us-east-1:123456789012:t"}}]
+    - name: call
+      enabled: true
+      recipients: [call@example.com]
+      actions: [{lambda: {function_arn: "arn:aws:lambda:us-east-1:123456789012:function:f"}}]
+"""
+SNS_LIMIT = 150 * 1024
+
+
+@pytest.fixture
+def sns_runtime(tmp_path) -> Runtime:
+    return Runtime(Engine(_config(tmp_path, SNS_CONFIG)), Spool(str(tmp_path / "spool")),
+                   MilterMetrics(CollectorRegistry()))
+
+
+def _floor(session: Session, rcpt: str = "sns@example.com") -> int:
+    return payload.prefix_floor("s@example.net", session.client, "mx.example.com", rcpt)
+
+
+def test_size_at_rcpt_counts_the_headers_ses_adds(sns_runtime) -> None:
+    session = _connect(sns_runtime)
+    fits = SNS_LIMIT - _floor(session)
+    assert session.mail("<s@example.net>", {"SIZE": str(fits)}) == CONTINUE
+    assert session.rcpt("<sns@example.com>", tls=False) == CONTINUE
+    session = _connect(sns_runtime)
+    assert session.mail("<s@example.net>", {"SIZE": str(fits + 1)}) == CONTINUE
+    reply = session.rcpt("<sns@example.com>", tls=False)
+    assert str(reply) == ("550 5.3.4 <sns@example.com>: Recipient address rejected: message "
+                          f"size exceeds the limit of {SNS_LIMIT} bytes")
+    assert session.rcpt("<call@example.com>", tls=False) == CONTINUE
+    assert _metric(sns_runtime, "mxrules_recipients_total", result="too-big") == 1
+    assert _metric(sns_runtime, "mxrules_rejections_total", stage="rcpt", reason="too-big") == 1
+
+
+def _big(session: Session, recipients: list[str], size: int) -> EomResult:
+    head = b"Subject:x\r\n\r\n"
+    return _message(session, recipients, headers=[("Subject", b"x")],
+                    body=[b"y" * (size - len(head))], sender="<s@example.net>")
+
+
+def test_end_of_data_refuses_what_every_rule_would_bounce(sns_runtime) -> None:
+    session = _connect(sns_runtime)
+    fits = SNS_LIMIT - _floor(session)
+    assert _big(session, ["<sns@example.com>"], fits).reply == CONTINUE
+    result = _big(_connect(sns_runtime), ["<sns@example.com>"], fits + 1)
+    assert result == EomResult(TOO_BIG_FOR_ACTIONS)
+    assert _metric(sns_runtime, "mxrules_rejections_total", stage="data", reason="too-big") == 1
+    assert _listing(sns_runtime)["tmp"] == [] and len(_listing(sns_runtime)["incoming"]) == 1
+    # Another recipient's rule takes it: spooled, the SNS action bounces it later.
+    mixed = _big(_connect(sns_runtime), ["<sns@example.com>", "<call@example.com>"], fits + 1)
+    assert mixed.reply == CONTINUE
+    unmanaged = _big(_connect(sns_runtime), ["<sns@example.com>", "<x@elsewhere.test>"],
+                     fits + 1)
+    assert unmanaged.reply == CONTINUE
