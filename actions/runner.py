@@ -5,6 +5,13 @@ repeats at most the one action that was in flight.  An action with a
 `topic_arn` is done in two saved steps -- the action, then its notification --
 so a failed publish never repeats the action.  Dispositions follow SES: a Stop
 action or a Lambda's STOP_RULE_SET ends the job, STOP_RULE ends the rule.
+
+A failing action is retried, the job waiting, for the retry window.  Once given
+up on (the window is over, or the failure is permanent), the action is recorded
+as failed and the plan goes on: one action that cannot be done never keeps the
+others of the plan from running (README, "When an action fails").  A job with
+failed actions ends in failed/, where `mxrules spool requeue` runs only those
+again (with the AddHeaders, which only shape the stored copies).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from dataclasses import dataclass, field
 from mxrules.config import WorkerSettings
 from mxrules.errors import SpoolError
 from mxrules.metrics import WorkerMetrics
-from mxrules.rules import SNSAction
+from mxrules.rules import AddHeaderAction, SNSAction
 from mxrules.service import kv
 from mxrules.spool import Claim, Job, message_time, with_progress
 
@@ -53,6 +60,28 @@ def advance(job: Job, disposition: str) -> Job:
     return with_progress(job, action=p.action + 1, **reset)
 
 
+def wanted(job: Job) -> str | None:
+    """The phase to run at the job's (rule, action), or None to pass it by.
+
+    Every action runs, except in a requeued dead letter (`progress.only`): there
+    only the actions that had failed run, and the AddHeaders (local, and needed
+    for the stored copies to be the same as the first time).
+    """
+    p = job.progress
+    if not p.only:
+        return p.phase
+    phases = {phase for rule, action, phase in p.only if (rule, action) == (p.rule, p.action)}
+    if "action" in phases or (p.phase == "notify" and phases):
+        return p.phase
+    if phases:
+        return "notify"  # the action ran the first time; only its notification failed
+    # An AddHeader runs again, but its notification (if any) was sent the first time.
+    actions = job.rules[p.rule].rule.actions
+    if isinstance(actions[p.action], AddHeaderAction) and p.phase == "action":
+        return "action"
+    return None
+
+
 def complete(job: Job) -> bool:
     """No action is left: the rule set was stopped, or every matched rule's actions ran."""
     p = job.progress
@@ -76,12 +105,16 @@ class Runner:
     recovered: Callable[[str], None] | None = None
     # The worker's DSN counts; one per process, shared by its threads and reloads.
     bounce_limiter: BounceLimiter = field(default_factory=BounceLimiter)
+    # Called when a job has been moved to failed/ (the dead letters' retention may act).
+    dead_lettered: Callable[[], None] | None = None
 
     def run(self, claim: Claim) -> str:
         """Work a job until it is done, deferred or dead; returns which."""
         job = claim.job
         while True:
             p = job.progress
+            if (p.stopped or p.rule >= len(job.rules)) and p.failed:
+                return self._dead_letter(claim, job)
             if p.stopped or p.rule >= len(job.rules):
                 try:
                     claim.finish(job)
@@ -101,6 +134,13 @@ class Runner:
             if p.action >= len(matched.rule.actions):
                 job = with_progress(job, rule=p.rule + 1, action=0)
                 continue
+            phase = wanted(job)
+            if phase is None:
+                job = with_progress(job, action=p.action + 1, phase="action", disposition="")
+                continue
+            if phase != p.phase:
+                job = with_progress(job, phase=phase, disposition="CONTINUE")
+                p = job.progress
             if self.stopping.is_set():
                 # Draining: hand the job back, due now, for the next worker to go on.
                 claim.move("deferred")
@@ -153,7 +193,9 @@ class Runner:
             except SpoolError:
                 raise  # the spool itself failed: the job stays in active/ for recovery
             except Exception as exc:
-                return self._failed(claim, job, action.TYPE, exc)
+                result, job = self._failed(claim, job, action.TYPE, exc)
+                if result != "given-up":
+                    return result
             finally:
                 self.metrics.action_seconds.labels(action.TYPE).observe(
                     time.monotonic() - started)
@@ -219,9 +261,15 @@ class Runner:
             kind = job.rules[p.rule].rule.actions[p.action].TYPE
         except IndexError:
             kind = "-"  # past its last action: it failed while finishing
-        return self._failed(claim, job, kind, exc)
+        return self._failed(claim, job, kind, exc, go_on=False)[0]
 
-    def _failed(self, claim: Claim, job: Job, kind: str, exc: Exception) -> str:
+    def _failed(self, claim: Claim, job: Job, kind: str, exc: Exception, *,
+                go_on: bool = True) -> tuple[str, Job]:
+        """Defer the job for a retry, or give the action up and go on ("given-up").
+
+        Not `go_on` (an error outside the actions, a bug): given up, the whole job
+        is dead-lettered where it stands.
+        """
         p = job.progress
         now = self.clock()
         reason = classify(exc)
@@ -234,17 +282,22 @@ class Runner:
         permanent = isinstance(exc, PermanentActionError)
         rule = job.rules[p.rule].rule.name if p.rule < len(job.rules) else "-"
         if self.policy.gives_up(first, now, permanent=permanent):
-            job = with_progress(job, attempts=attempts, first_attempt_at=first, last_error=error)
-            self._save(claim, job)
-            claim.move("failed")
-            if kind != "-":
-                self.metrics.actions.labels(kind, "failed").inc()
-            self.metrics.jobs.labels("dead_lettered").inc()
-            self.metrics.dead_letters.inc()
-            log.error("job dead-lettered %s (mxrules spool requeue %s)", kv(
+            if not go_on:
+                return self._dead_letter_now(claim, job, kind, reason, attempts, first, error)
+            self.metrics.actions.labels(kind, "failed").inc()
+            log.error("action failed for good %s (the plan goes on without it)", kv(
                 message_id=job.message_id, queue_id=job.queue_id, rule=rule, action=p.action + 1,
-                type=kind, reason=reason, attempts=attempts, error=error), job.message_id)
-            return "failed"
+                type=kind, reason=reason, attempts=attempts, error=error))
+            done = (*p.done, f"rule {rule} action {p.action + 1} {kind}: FAILED after "
+                             f"{attempts} attempt{'s' if attempts != 1 else ''}: {error}")
+            failed = (*p.failed, (p.rule, p.action, p.phase))
+            # A failed notification leaves its action's disposition standing; a failed
+            # RequestResponse Lambda gave none, and SES then goes on (CONTINUE).
+            disposition = (p.disposition or "CONTINUE") if p.phase == "notify" else "CONTINUE"
+            job = advance(job, disposition)
+            job = with_progress(job, done=done, failed=failed, last_error=error)
+            self._record(claim, job)
+            return "given-up", job
         delay = self.policy.delay(attempts, self.rand)
         job = with_progress(job, attempts=attempts, first_attempt_at=first, last_error=error,
                             next_due=now + delay)
@@ -255,4 +308,38 @@ class Runner:
         log.warning("action failed, will retry %s", kv(
             message_id=job.message_id, queue_id=job.queue_id, rule=rule, action=p.action + 1,
             type=kind, reason=reason, attempts=attempts, retry_in=f"{delay:.1f}s", error=error))
-        return "deferred"
+        return "deferred", job
+
+    def _dead_letter_now(self, claim: Claim, job: Job, kind: str, reason: str, attempts: int,
+                         first: float, error: str) -> tuple[str, Job]:
+        p = job.progress
+        rule = job.rules[p.rule].rule.name if p.rule < len(job.rules) else "-"
+        job = with_progress(job, attempts=attempts, first_attempt_at=first, last_error=error)
+        self._save(claim, job)
+        claim.move("failed")
+        if kind != "-":
+            self.metrics.actions.labels(kind, "failed").inc()
+        self.metrics.jobs.labels("dead_lettered").inc()
+        self.metrics.dead_letters.inc()
+        log.error("job dead-lettered %s (mxrules spool requeue %s)", kv(
+            message_id=job.message_id, queue_id=job.queue_id, rule=rule, action=p.action + 1,
+            type=kind, reason=reason, attempts=attempts, error=error), job.message_id)
+        if self.dead_lettered:
+            self.dead_lettered()
+        return "failed", job
+
+    def _dead_letter(self, claim: Claim, job: Job) -> str:
+        """Every action has run or failed for good: the job waits in failed/ for an operator."""
+        p = job.progress
+        failed = [f"{job.rules[r].rule.name}#{a + 1}" + (" notification" if ph == "notify" else "")
+                  for r, a, ph in p.failed]
+        self._save(claim, job)
+        claim.move("failed")
+        self.metrics.jobs.labels("dead_lettered").inc()
+        self.metrics.dead_letters.inc()
+        log.error("job dead-lettered %s (mxrules spool requeue %s runs the failed actions "
+                  "again)", kv(message_id=job.message_id, queue_id=job.queue_id,
+                              failed=",".join(failed), error=p.last_error), job.message_id)
+        if self.dead_lettered:
+            self.dead_lettered()
+        return "failed"

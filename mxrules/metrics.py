@@ -175,7 +175,8 @@ class WorkerMetrics(ConfigMetrics):
         self.actions = Counter(
             "mxrules_actions_total",
             "Action attempts by type and outcome (ok; retry: failed, will be retried; "
-            "failed: failed for good, the job is a dead letter).",
+            "failed: failed for good, the plan goes on and the job ends as a dead letter; "
+            "bounced: the email was over the action's size limit, a DSN was sent as in SES).",
             ["type", "outcome"], registry=registry)
         for kind in ACTION_TYPES:
             for outcome in ACTION_OUTCOMES:

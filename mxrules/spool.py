@@ -89,6 +89,11 @@ class Progress:
     # its topic_arn notification is left (so a failed publish never re-runs it).
     phase: str = "action"
     disposition: str = ""  # in the "notify" phase: what the action answered
+    # (rule, action, phase) of the actions given up on; the plan went on without them,
+    # and the job ends in failed/.
+    failed: tuple[tuple[int, int, str], ...] = ()
+    # A requeued dead letter runs only these (and its AddHeaders); empty: every action.
+    only: tuple[tuple[int, int, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -269,6 +274,20 @@ def _matched(raw: Any, where: str) -> MatchedRule:
                        _texts(m.get("recipients"), f"{where}.recipients"))
 
 
+def _steps(value: Any, where: str) -> tuple[tuple[int, int, str], ...]:
+    """A list of [rule, action, phase] steps (actions given up on, or to run again)."""
+    if not isinstance(value, list):
+        raise _Shape(f"{where}: expected a list, not {_brief(value)}")
+    steps = []
+    for i, step in enumerate(value):
+        if not (isinstance(step, list) and len(step) == 3):
+            raise _Shape(f"{where}[{i}]: expected a [rule, action, phase] step, "
+                         f"not {_brief(step)}")
+        steps.append((_count(step[0], f"{where}[{i}][0]"), _count(step[1], f"{where}[{i}][1]"),
+                      _choice(step[2], f"{where}[{i}][2]", ("action", "notify"))))
+    return tuple(steps)
+
+
 def _progress(raw: Any, rules: tuple[MatchedRule, ...]) -> Progress:
     p = _object({} if raw is None else raw, "progress")
     first = p.get("first_attempt_at")
@@ -285,6 +304,8 @@ def _progress(raw: Any, rules: tuple[MatchedRule, ...]) -> Progress:
         phase=_choice(p.get("phase", "action"), "progress.phase", ("action", "notify")),
         disposition=_choice(p.get("disposition", ""), "progress.disposition",
                             ("", "CONTINUE", "STOP_RULE", "STOP_RULE_SET")),
+        failed=_steps(p.get("failed", []), "progress.failed"),
+        only=_steps(p.get("only", []), "progress.only"),
     )
     rest = {k: v for k, v in p.items() if k not in checked}
     _check_fields(Progress, rest, "progress")
@@ -326,6 +347,7 @@ def _from_json(body: dict[str, Any]) -> Job:
         progress=_progress(body.get("progress"), rules),
         version=body["version"],
     )
+
 
 
 def _remove_job_dir(path: str) -> None:
@@ -694,6 +716,13 @@ class Spool:
         if claim is None:
             raise SpoolError(f"job {job_id} is held by a worker")
         job = with_progress(claim.job, attempts=0, first_attempt_at=None, next_due=0.0)
+        p = job.progress
+        if state == "failed" and p.failed:
+            # Every other action ran: only the failed ones run again (and the AddHeaders,
+            # which shape the stored copies), from the start of the plan.
+            job = with_progress(job, rule=0, action=0, phase="action", disposition="",
+                                stopped="", added_headers=(), only=p.failed, failed=(),
+                                last_error="")
         try:
             claim.save(job)
             claim.move("incoming")

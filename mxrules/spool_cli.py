@@ -71,6 +71,21 @@ def _next_action(job: Job) -> str:
     return f"{rule.name} #{p.action + 1} {kind}" + (" (notify)" if p.phase == "notify" else "")
 
 
+def failed_actions(job: Job) -> list[str]:
+    """The actions given up on, as `rule #N TYPE` (`... (notify)` for a notification)."""
+    out = []
+    for rule, action, phase in job.progress.failed:
+        try:
+            matched = job.rules[rule].rule
+            kind = matched.actions[action].TYPE
+        except IndexError:
+            out.append(f"rule {rule + 1} #{action + 1}")
+            continue
+        out.append(f"{matched.name} #{action + 1} {kind}" + (" (notify)" if phase == "notify"
+                                                             else ""))
+    return out
+
+
 def row(state: str, job_id: str, job: Job | CorruptJobError, now: float) -> dict[str, Any]:
     base: dict[str, Any] = {"id": job_id, "state": state,
                             "age_seconds": round(now - message_time(job_id), 1)}
@@ -81,7 +96,7 @@ def row(state: str, job_id: str, job: Job | CorruptJobError, now: float) -> dict
             "recipients": list(job.recipients), "attempts": p.attempts,
             "next_action": _next_action(job),
             "next_due_in": round(max(0.0, p.next_due - now), 1) if state == "deferred" else None,
-            "last_error": p.last_error}
+            "last_error": p.last_error, "failed": failed_actions(job)}
 
 
 def list_jobs(spool: Spool, states: list[str], as_json: bool) -> str:
@@ -136,6 +151,8 @@ def show_job(spool: Spool, job_id: str, as_json: bool) -> str:
     wait = f", next try in {max(0.0, p.next_due - time.time()):.0f}s" \
         if state == "deferred" else ""
     out.append(f"  attempts   {p.attempts}{wait}")
+    if p.failed:
+        out.append(f"  failed     {', '.join(failed_actions(job))} (the other actions ran)")
     if p.last_error:
         out.append(f"  last error {f(p.last_error)}")
     if p.done:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -345,9 +346,10 @@ def test_retry_window_dead_letters_and_requeue_brings_back(make_loop: Any) -> No
     loop.send(["user@example.com"])
     wait_until(lambda: loop.counts()["failed"] == 1, "dead letter")
     [row] = _spool_cli(loop, "list", "--state", "failed", "--json")
-    assert row["attempts"] >= 2 and "connection" in row["last_error"]
+    assert row["failed"] == ["store #1 S3"] and "connection" in row["last_error"]
     shown = _spool_cli(loop, "show", row["id"])
-    assert "last error" in shown and "store" in shown
+    assert "last error" in shown and "failed     store #1 S3" in shown
+    assert re.search(r"store action 1 S3: FAILED after ([2-9]|\d\d+) attempts", shown), shown
     assert "dead-lettered" in loop.worker.log()
 
     loop.moto.start()
@@ -600,4 +602,28 @@ def test_10000_cc_notification_and_lambda_event_fit_and_are_delivered(make_loop:
         assert cc_list[:2] == ["0@c.test", "1@c.test"]
         assert len(json.dumps(cc_list, separators=(",", ":")).encode()) <= 2 * 1024
         assert mail["headersTruncated"] is True
+
+def test_an_action_failing_for_good_does_not_stop_the_next_and_requeue_runs_only_it(
+        make_loop: Any) -> None:
+    def rules(res: dict[str, str]) -> list[dict[str, Any]]:
+        return [{"name": "chain", "enabled": True, "recipients": ["user@example.com"],
+                 "actions": [{"s3": {"bucket_name": "late-bucket", "object_key_prefix": "a/"}},
+                             {"lambda": {"function_arn": res["function"]}},
+                             {"s3": {"bucket_name": res["bucket"], "object_key_prefix": "b/"}}]}]
+    loop: Loop = make_loop(rules, worker={"retry_window": 1})
+    loop.send(["user@example.com"])
+    [job_id] = wait_until(lambda: loop.spool.ids("failed"), "a dead letter")
+    # The S3 action that cannot be done was given up on; the two after it ran.
+    assert len(loop.moto.lambda_invocations("mail-fn")) == 1
+    assert loop.moto.s3_keys(loop.bucket) == [f"b/{job_id}"]
+    job = loop.spool.load("failed", job_id)
+    assert job.progress.failed == ((0, 0, "action"),)
+    assert "action failed for good" in loop.worker.log()
+    # Requeued once the bucket exists: only the failed action runs again.
+    loop.moto.make_bucket("late-bucket")
+    assert "requeued 1 job(s)" in _spool_cli(loop, "requeue", "--all-failed")
+    assert loop.wait_idle() == dict.fromkeys(STATES, 0)
+    assert loop.moto.s3_keys("late-bucket") == [f"a/{job_id}"]
+    assert len(loop.moto.lambda_invocations("mail-fn")) == 1
+    assert _recorded_puts(loop) == [f"b/{job_id}"]
 

@@ -232,13 +232,16 @@ def _assert_decision_logs(milter_log: str, worker_log: str, secret: str,
         assert a["detail"].startswith(f"stored s3://mail-bucket/mail/{a['message_id']}")
     failed = lines(worker_log, "action failed, will retry")
     assert len(failed) == retries
-    [dead] = lines(worker_log, "job dead-lettered")
-    for line in (*failed, dead):
+    [given_up] = lines(worker_log, "action failed for good")
+    for line in (*failed, given_up):
         assert (line["message_id"], line["queue_id"]) == (broken, queue_ids[broken])
         assert (line["rule"], line["type"], line["reason"]) == ("broken", "S3", "not-found")
+    [dead] = lines(worker_log, "job dead-lettered")
+    assert (dead["message_id"], dead["queue_id"], dead["failed"]) == (
+        broken, queue_ids[broken], "broken#1")
     done = lines(worker_log, "job done")
     assert {d["message_id"]: d["queue_id"] for d in done} == {
         m: q for m, q in queue_ids.items() if m in stored}
     assert milter_log.count("WARNING") == milter_log.count("ERROR") == 0
     problems = [p for p in worker_log.splitlines() if p.startswith(("WARNING", "ERROR"))]
-    assert len(problems) == retries + 1
+    assert len(problems) == retries + 2  # the retries, the action given up, the dead letter

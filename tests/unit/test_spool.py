@@ -69,6 +69,8 @@ def _job(message_id: str | None = None, data: bytes = b"", **changes) -> Job:
         pytest.param(with_progress(_job(), rule=1, action=2, attempts=3, first_attempt_at=1.5,
                                    next_due=99.25, last_error="boom", stopped="rule_set",
                                    done=("S3 ok", "SNS ok")), id="with-progress"),
+        pytest.param(with_progress(_job(), failed=((0, 1, "action"), (1, 0, "notify")),
+                                   only=((0, 1, "action"),)), id="failed-and-only-steps"),
     ],
 )
 def test_encode_decode_round_trip(job: Job) -> None:
@@ -248,6 +250,26 @@ def test_well_typed_variants_still_decode(path: str, value: object) -> None:
         _set(body, "progress.action", 3)  # the StopAction, which has a topic_arn
     _set(body, path, value)
     Job.decode(_reseal(body), "j")
+
+
+@pytest.mark.parametrize(("steps", "cause"), [
+    pytest.param([[0, 1]], "progress.failed[0]: expected a [rule, action, phase] step",
+                 id="too-short"),
+    pytest.param([["0", 1, "action"]], "progress.failed[0][0]: expected an integer >= 0",
+                 id="rule-not-an-int"),
+    pytest.param([[0, True, "action"]], "progress.failed[0][1]: expected an integer >= 0",
+                 id="a-bool-is-no-index"),
+    pytest.param([[0, 1, "later"]], "progress.failed[0][2]: expected one of", id="unknown-phase"),
+    pytest.param("xyz", "progress.failed: expected a list", id="not-a-list-of-steps"),
+])
+def test_bad_failed_steps_make_a_corrupt_job(steps: object, cause: str) -> None:
+    body = json.loads(_job().encode())["job"]
+    body["progress"]["failed"] = steps
+    with pytest.raises(CorruptJobError) as info:
+        Job.decode(_reseal(body), "j")
+    assert info.value.cause.startswith("cannot decode job.json: " + cause), info.value.cause
+
+
 
 
 def test_corrupt_job_error_is_a_spool_error() -> None:
@@ -600,3 +622,40 @@ def test_a_finish_that_can_neither_move_nor_save_keeps_the_job_held(tmp_path,
     with pytest.raises(OSError):
         claim.finish(claim.job)
     assert claim.fd < 0
+
+
+# -- dead letters: requeue and retention ---------------------------------------------
+
+def _dead_letter(spool: Spool, body: bytes = b"x", **progress) -> str:
+    writer = spool.new_job(new_message_id())
+    writer.write(body)
+    job = with_progress(_job(writer.message_id, body), **progress)
+    writer.commit(job)
+    claim = spool.claim("incoming", job.message_id)
+    assert claim is not None
+    claim.move("failed")
+    return job.message_id
+
+
+def test_requeue_of_a_job_with_failed_actions_runs_only_those(tmp_path) -> None:
+    spool = Spool(str(tmp_path))
+    job_id = _dead_letter(spool, rule=2, action=0, attempts=3, last_error="boom",
+                          stopped="rule_set", added_headers=(("X-Rule", "störe ✓"),),
+                          failed=((0, 1, "action"), (0, 3, "notify")), done=("a", "b"))
+    job = spool.requeue(job_id)
+    assert spool.find(job_id) == "incoming"
+    p = job.progress
+    assert (p.rule, p.action, p.phase, p.stopped, p.attempts, p.last_error) == (
+        0, 0, "action", "", 0, "")
+    assert p.only == ((0, 1, "action"), (0, 3, "notify")) and p.failed == ()
+    assert p.added_headers == () and p.done == ("a", "b")
+    assert spool.load("incoming", job_id) == job
+
+
+def test_requeue_of_a_job_dead_lettered_mid_plan_goes_on_from_there(tmp_path) -> None:
+    """A dead letter from before failed actions were recorded: as it always was."""
+    spool = Spool(str(tmp_path))
+    job_id = _dead_letter(spool, rule=0, action=1, attempts=5, last_error="boom")
+    p = spool.requeue(job_id).progress
+    assert (p.rule, p.action, p.attempts, p.only) == (0, 1, 0, ())
+
