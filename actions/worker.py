@@ -8,6 +8,11 @@ truth, as in Postfix's queue manager; nothing is lost if a wake-up is missed.
 Several worker processes may share one spool: a job belongs to whoever holds
 its flock.
 
+Dead letters do not stay forever: a retention thread removes those in failed/
+older than `spool.failed_max_age`, then the oldest beyond `spool.failed_max_size`
+bytes, each removal logged and counted; it runs at start, whenever a job is
+dead-lettered, and when the oldest is due to expire (at least once a minute).
+
 SIGTERM or SIGINT drains: no new job is taken, each thread finishes the action
 it is in, saves the job's progress and hands it back; after
 `worker.drain_timeout` seconds the program exits anyway, and whatever was still
@@ -32,7 +37,7 @@ from mxrules.config import Config
 from mxrules.errors import EX_UNAVAILABLE, ConfigError, CorruptJobError, SpoolError
 from mxrules.metrics import WorkerMetrics
 from mxrules.service import kv, serve_metrics, setup_logging
-from mxrules.spool import STATES, Claim, Spool, message_time
+from mxrules.spool import STATES, Claim, Spool, message_time, retention_victims
 
 from .aws import Clients
 from .bounce_limit import BounceLimiter
@@ -74,6 +79,8 @@ class SpoolCollector(Collector):
 # After a retried action succeeds, the jobs waiting on its type are woken at most
 # this often (a flapping endpoint must not turn backoff into a busy loop).
 WAKE_INTERVAL_NS = 10 * 1_000_000_000
+# The longest the retention thread sleeps: the size gauges stay this fresh.
+RETENTION_INTERVAL = 60.0
 # Failure reasons that say the endpoint was unreachable or unwell, not the job wrong.
 TRANSIENT = frozenset({"connection", "timeout", "throttled", "server-error"})
 
@@ -116,6 +123,7 @@ class Worker:
         # could not even be recorded for (see _back_off).
         self._held_off: dict[str, float] = {}
         self._claim_errors: dict[str, str] = {}  # job id -> the last claim error logged
+        self.retention_due = threading.Event()  # set: a retention pass is wanted now
 
     # -- finding work ---------------------------------------------------------
     def _try(self, state: str, job_id: str) -> Claim | None:
@@ -243,6 +251,7 @@ class Worker:
             self.policy = RetryPolicy(w.retry_window, w.retry_initial_delay, w.retry_max_delay)
             self.generation += 1
         self.metrics.loaded()
+        self.retention_due.set()  # the dead letters' limits may have changed
         log.info("config reloaded from %s", path)
         return True
 
@@ -251,7 +260,49 @@ class Worker:
             cfg, policy, generation = self.cfg, self.policy, self.generation
         return generation, Runner(cfg.worker, Clients(cfg.aws), self.metrics, policy,
                                   self.stopping, recovered=self.recovered,
-                                  bounce_limiter=self.bounce_limiter)
+                                  bounce_limiter=self.bounce_limiter,
+                                  dead_lettered=self.retention_due.set)
+
+    # -- dead letters' retention --------------------------------------------------
+    def enforce_retention(self, now: float | None = None) -> float:
+        """One pass over failed/; returns the seconds until the next one is due."""
+        w = self.cfg.worker
+        max_age, max_size = w.failed_max_age, w.failed_max_size
+        self.metrics.retention_age.set(max_age)
+        self.metrics.retention_bytes.set(max_size)
+        now = time.time() if now is None else now
+        letters = self.spool.dead_letters()
+        removed = set()
+        for letter, reason in retention_victims(letters, max_age, max_size, now):
+            try:
+                if not self.spool.remove_dead_letter(letter.job_id):
+                    continue  # requeued or held meanwhile: it is no dead letter now
+            except SpoolError as exc:  # one that cannot be removed holds up no other
+                log.error("dead letter not removed by retention %s", kv(
+                    message_id=letter.job_id, reason=reason, error=exc))
+                continue
+            removed.add(letter.job_id)
+            self.metrics.dead_letters_removed.labels(reason).inc()
+            log.warning("dead letter removed by retention %s", kv(
+                message_id=letter.job_id, reason=reason, age=f"{now - letter.since:.0f}s",
+                size=letter.size, limit=f"{max_age:.0f}s" if reason == "age" else max_size))
+        kept = [letter for letter in letters if letter.job_id not in removed]
+        self.metrics.dead_letter_bytes.set(sum(letter.size for letter in kept))
+        self.metrics.dead_letter_age.set(max(0.0, now - kept[0].since) if kept else 0.0)
+        if not (kept and max_age):
+            return RETENTION_INTERVAL
+        return min(RETENTION_INTERVAL, max(0.1, kept[0].since + max_age - now))
+
+    def retention(self) -> None:
+        """The retention thread: a pass now, then whenever one is due or wanted."""
+        while not self.stopping.is_set():
+            self.retention_due.clear()
+            try:
+                wait = self.enforce_retention()
+            except Exception:  # a bad pass must not end the thread: failed/ would grow
+                log.exception("dead letters' retention pass failed")
+                wait = RETENTION_INTERVAL
+            self.retention_due.wait(wait)
 
     def recovered(self, kind: str) -> None:
         """An action of `kind` succeeded on a retry: retry now the jobs waiting on it.
@@ -377,6 +428,7 @@ def run(path: str, once: bool = False) -> int:
                 worker.reload(path)
 
     threading.Thread(target=reloader, name="reload", daemon=True).start()
+    threading.Thread(target=worker.retention, name="retention", daemon=True).start()
     log.info("worker starting: spool=%s threads=%d retry_window=%ss region=%s endpoint=%s",
              cfg.spool_directory, cfg.worker.threads, int(cfg.worker.retry_window),
              cfg.aws.region or "-", cfg.aws.endpoint_url or "-")

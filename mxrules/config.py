@@ -52,6 +52,9 @@ class WorkerSettings:
     bounce_rate_per_sender: int = 10
     bounce_rate_per_client: int = 50
     bounce_rate_period: float = 3600.0
+    # Dead letters' retention (spool.failed_max_age / failed_max_size; 0: no limit).
+    failed_max_age: float = 14 * 86400.0
+    failed_max_size: int = 1024 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -520,6 +523,9 @@ def _build(path: str, data: dict[str, Any], node: yaml.Node | None) -> Config:
             "per_client_ip", defaults.bounce_rate_per_client),
         bounce_rate_period=float(bounce.get("rate_limit", {}).get(
             "period", defaults.bounce_rate_period)),
+        failed_max_age=float(data.get("spool", {}).get("failed_max_age",
+                                                       defaults.failed_max_age)),
+        failed_max_size=data.get("spool", {}).get("failed_max_size", defaults.failed_max_size),
     )
     aws_settings = AwsSettings(
         region=aws.get("region"),

@@ -230,3 +230,26 @@ class WorkerMetrics(ConfigMetrics):
             "mxrules_dead_letters_total",
             "Jobs given up on and moved to the dead-letter state (the spool's failed/; "
             "`mxrules spool requeue` runs them again).", registry=registry)
+        self.dead_letters_removed = Counter(
+            "mxrules_dead_letters_removed_total",
+            "Dead letters removed from failed/ by its retention, by reason (age: older than "
+            "spool.failed_max_age; size: the oldest beyond spool.failed_max_size).",
+            ["reason"], registry=registry)
+        for reason in RETENTION_REASONS:
+            self.dead_letters_removed.labels(reason)
+        self.dead_letter_bytes = Gauge(
+            "mxrules_dead_letter_bytes",
+            "Bytes the dead letters in failed/ take together, at the last retention pass.",
+            registry=registry)
+        self.dead_letter_age = Gauge(
+            "mxrules_dead_letter_oldest_age_seconds",
+            "Time since the oldest dead letter in failed/ was given up on, at the last "
+            "retention pass (0 when there is none).", registry=registry)
+        self.retention_bytes = Gauge(
+            "mxrules_dead_letter_retention_bytes",
+            "The dead letters' size limit in force (spool.failed_max_size; 0: no limit).",
+            registry=registry)
+        self.retention_age = Gauge(
+            "mxrules_dead_letter_retention_age_seconds",
+            "The dead letters' age limit in force (spool.failed_max_age; 0: no limit).",
+            registry=registry)

@@ -749,6 +749,86 @@ class Spool:
         return state
 
 
+    # -- dead letters' retention -----------------------------------------------------
+    def dead_letters(self) -> list[DeadLetter]:
+        """The jobs in failed/, oldest first: when each was given up on, and its size."""
+        letters = []
+        for job_id in self.ids("failed"):
+            path = self.path("failed", job_id)
+            try:
+                # job.json is saved just before the move to failed/: its time is the
+                # dead-lettering's (a rename leaves the directory's own times alone).
+                since = _mtime(os.path.join(path, META), path)
+                size = sum(entry.stat(follow_symlinks=False).st_size
+                           for entry in os.scandir(path) if not entry.is_dir())
+            except OSError:
+                continue  # requeued, deleted or removed meanwhile
+            letters.append(DeadLetter(job_id, since, size))
+        return sorted(letters, key=lambda letter: (letter.since, letter.job_id))
+
+    def remove_dead_letter(self, job_id: str) -> bool:
+        """Remove a job from failed/ for good; False if it is held or already gone.
+
+        The job's lock is taken first, as for any claim, so a job an operator is
+        requeueing at that moment is never removed; it leaves failed/ by one rename
+        into done/, never into active/, where a worker would run it again.
+        """
+        directory = self.path("failed", job_id)
+        try:
+            fd = os.open(os.path.join(directory, LOCK), os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        except OSError as exc:
+            raise SpoolError(f"cannot open lock of job {job_id}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            target = os.path.join(self.root, "done", job_id)
+            os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+            os.rename(directory, target)
+        except (BlockingIOError, FileNotFoundError):
+            return False
+        except OSError as exc:
+            raise SpoolError(f"cannot remove dead letter {job_id}: {exc}") from exc
+        finally:
+            os.close(fd)
+        _fsync_dir(os.path.join(self.root, "failed"))
+        _remove_job_dir(target)
+        return True
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    job_id: str
+    since: float  # when it was moved to failed/ (Unix time)
+    size: int  # bytes of its files
+
+
+def retention_victims(letters: list[DeadLetter], max_age: float, max_size: int,
+                      now: float) -> list[tuple[DeadLetter, str]]:
+    """The dead letters retention removes, oldest first, each with why ("age" or "size").
+
+    First every one older than `max_age` seconds, then the oldest of the rest until
+    the others together take at most `max_size` bytes.  0 turns a limit off.
+    """
+    ordered = sorted(letters, key=lambda letter: (letter.since, letter.job_id))
+    victims = [(letter, "age") for letter in ordered if max_age and now - letter.since > max_age]
+    kept = ordered[len(victims):]
+    total = sum(letter.size for letter in kept)
+    for letter in kept:
+        if not max_size or total <= max_size:
+            break
+        victims.append((letter, "size"))
+        total -= letter.size
+    return victims
+
+
+def _mtime(path: str, fallback: str) -> float:
+    try:
+        return os.lstat(path).st_mtime
+    except FileNotFoundError:
+        return os.lstat(fallback).st_mtime
+
+
 class Claim:
     """A job held by this process: it sits in active/ and its lock is ours."""
 

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import signal
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from harness.moto import MotoServer
 from harness.mxrules_proc import MilterProcess, WorkerProcess
@@ -98,6 +102,7 @@ def make_loop(moto_server: MotoServer, postfix_factory: Any, smtp_sink: SmtpSink
         res["function"] = moto_server.make_function("mail-fn")
         milter_port, worker_port = free_port(), free_port()
         config.setdefault("worker", {})
+        config["spool"] = {"directory": str(directory / "spool"), **config.get("spool", {})}
         config["worker"] = {"threads": 2, "scan_interval": 0.05, "retry_initial_delay": 0.05,
                             "retry_max_delay": 0.5, "drain_timeout": 10, **config["worker"]}
         path = write_config(
@@ -455,6 +460,7 @@ def test_sigterm_drains_the_worker(make_loop: Any) -> None:
     assert loop.worker.proc.wait(15) == 0
     assert "draining" in loop.worker.log() and "worker stopped" in loop.worker.log()
 
+
 # -- SES's size limits, and what happens when an action cannot be done ----------------
 
 NEAR_S3_LIMIT = 41_942_940  # 100 bytes under 40 MiB: SES's own headers push it over
@@ -603,6 +609,7 @@ def test_10000_cc_notification_and_lambda_event_fit_and_are_delivered(make_loop:
         assert len(json.dumps(cc_list, separators=(",", ":")).encode()) <= 2 * 1024
         assert mail["headersTruncated"] is True
 
+
 def test_an_action_failing_for_good_does_not_stop_the_next_and_requeue_runs_only_it(
         make_loop: Any) -> None:
     def rules(res: dict[str, str]) -> list[dict[str, Any]]:
@@ -627,3 +634,50 @@ def test_an_action_failing_for_good_does_not_stop_the_next_and_requeue_runs_only
     assert len(loop.moto.lambda_invocations("mail-fn")) == 1
     assert _recorded_puts(loop) == [f"b/{job_id}"]
 
+
+def _metric(loop: Loop, name: str) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{loop.worker.port}/metrics",
+                                  timeout=5).read().decode()
+    return {",".join(s.labels.values()): s.value for f in text_string_to_metric_families(text)
+            for s in f.samples if s.name == name}
+
+
+def _bytes_in(path: str) -> int:
+    return sum(e.stat().st_size for e in os.scandir(path) if e.is_file())
+
+
+def test_dead_letters_retention_removes_the_oldest_by_size_then_by_age(make_loop: Any) -> None:
+    rules = [{"name": "broken", "enabled": True, "recipients": ["user@example.com"],
+              "actions": [{"s3": {"bucket_name": "no-such-bucket"}}]}]
+    # Each dead letter takes about 23 KB (a 20 KB message and its job.json): two fit.
+    loop: Loop = make_loop(rules, worker={"retry_window": 0.3},
+                           spool={"failed_max_size": 56_000, "failed_max_age": 0})
+    ids = []
+    for i in range(3):
+        loop.send(["user@example.com"], message("a@sender.test", ["user@example.com"],
+                                                subject=f"n{i}", body=("x" * 78 + "\r\n") * 250))
+        new = wait_until(lambda: set(loop.spool.ids("failed")) - set(ids), "a dead letter")
+        ids.extend(new)
+    first, second, third = ids
+    wait_until(lambda: loop.spool.ids("failed") == sorted([second, third]), "size retention")
+    assert loop.spool.find(first) is None  # removed for good, not moved anywhere
+    removed = wait_until(lambda: lines_with(loop.worker.log(), "removed by retention"), "log")
+    assert len(removed) == 1 and f"message_id={first}" in removed[0] and "reason=size" in removed[0]
+    kept = sum(_bytes_in(loop.spool.path("failed", i)) for i in (second, third))
+    wait_until(lambda: _metric(loop, "mxrules_dead_letter_bytes") == {"": kept}, "gauge")
+    assert _metric(loop, "mxrules_dead_letter_retention_bytes") == {"": 56_000}
+    assert _metric(loop, "mxrules_dead_letters_removed_total") == {"age": 0, "size": 1}
+    # An age limit, on reload: the two left are older than a second.
+    path = loop.worker.config_path
+    doc = yaml.safe_load(path.read_text())
+    doc["spool"]["failed_max_age"] = 1
+    path.write_text(yaml.safe_dump(doc))
+    loop.worker.signal(signal.SIGUSR1)
+    wait_until(lambda: loop.spool.ids("failed") == [], "age retention")
+    wait_until(lambda: _metric(loop, "mxrules_dead_letter_bytes") == {"": 0}, "gauge")
+    assert _metric(loop, "mxrules_dead_letters_removed_total") == {"age": 2, "size": 1}
+    assert len(lines_with(loop.worker.log(), "reason=age")) == 2
+
+
+def lines_with(log: str, text: str) -> list[str]:
+    return [line for line in log.splitlines() if text in line]

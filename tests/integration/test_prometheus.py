@@ -172,7 +172,7 @@ def _assert_alerts(prom: PrometheusServer) -> None:
     while True:
         rules = [r for g in prom.api("rules")["groups"] for r in g["rules"]]
         evaluated = [r for r in rules if not r["lastEvaluation"].startswith("0001")]
-        if len(rules) == 7 and len(evaluated) == len(rules):
+        if len(rules) == 8 and len(evaluated) == len(rules):
             break
         assert time.monotonic() < deadline, rules
         time.sleep(0.2)

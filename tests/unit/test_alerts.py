@@ -33,7 +33,7 @@ from mxrules.config import Config, WorkerSettings
 
 ALERT_NAMES = {"MxrulesMilterDown", "MxrulesWorkerDown", "MxrulesTempfailRate",
                "MxrulesSpoolBacklog", "MxrulesDeadLetters", "MxrulesActionErrors",
-               "MxrulesConfigReloadFailing"}
+               "MxrulesConfigReloadFailing", "MxrulesDeadLetterRetention"}
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,9 @@ def test_every_metric_in_the_alerts_is_exposed(exposed: set[str]) -> None:
     used = set().union(*(promql_metric_names(e) for e in alert_expressions().values()))
     assert {"mxrules_spool_oldest_job_age_seconds", "mxrules_dead_letters_total",
             "mxrules_actions_total", "mxrules_messages_total",
-            "mxrules_config_last_reload_successful"} <= used
+            "mxrules_config_last_reload_successful", "mxrules_dead_letter_oldest_age_seconds",
+            "mxrules_dead_letter_retention_age_seconds", "mxrules_dead_letter_bytes",
+            "mxrules_dead_letter_retention_bytes"} <= used
 
 
 def test_every_metric_in_the_dashboard_is_exposed(exposed: set[str]) -> None:

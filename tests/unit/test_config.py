@@ -418,7 +418,8 @@ BAD = [
           directory: /var/spool/mxrules
           dir: /tmp  # <-
         """,
-        "spool", "unknown key 'dir' (expected one of: directory)", id="unknown-nested-key"),
+        "spool", "unknown key 'dir' (expected one of: directory, failed_max_age,"
+        " failed_max_size)", id="unknown-nested-key"),
     pytest.param(
         """\
         hostname: mx.example.com
@@ -607,6 +608,28 @@ def test_defaults_of_an_empty_config(tmp_path) -> None:
     assert cfg.limits == Limits(200, 100, 10, 100)
     assert cfg.spool_directory == "/var/spool/mxrules"
     assert cfg.local_part_case_sensitive is False
+
+
+@pytest.mark.parametrize(
+    ("spool", "age", "size"),
+    [
+        pytest.param("{}", 14 * 86400.0, 1024**3, id="defaults"),
+        pytest.param("{failed_max_age: 3600, failed_max_size: 5000}", 3600.0, 5000, id="given"),
+        pytest.param("{failed_max_age: 0, failed_max_size: 0}", 0.0, 0, id="no-limits"),
+    ],
+)
+def test_dead_letters_retention_settings(tmp_path, spool: str, age: float, size: int) -> None:
+    cfg = load(_write(tmp_path, f"hostname: mx.example.com\nspool: {spool}\n"))
+    assert (cfg.worker.failed_max_age, cfg.worker.failed_max_size) == (age, size)
+
+
+@pytest.mark.parametrize("spool", [
+    pytest.param("{failed_max_age: -1}", id="negative-age"),
+    pytest.param("{failed_max_size: 1.5}", id="fractional-size"),
+])
+def test_bad_dead_letters_retention_settings(tmp_path, spool: str) -> None:
+    with pytest.raises(ConfigError, match=r"spool\.failed_max"):
+        load(_write(tmp_path, f"hostname: mx.example.com\nspool: {spool}\n"))
 
 
 def test_the_only_rule_set_is_active_by_default(tmp_path) -> None:

@@ -108,6 +108,10 @@ def test_catalogue_has_everything_the_design_asks_for(tmp_path: Path) -> None:
         "mxrules_actions_total": "counter", "mxrules_action_errors_total": "counter",
         "mxrules_action_duration_seconds": "histogram", "mxrules_dead_letters_total": "counter",
         "mxrules_spool_jobs": "gauge", "mxrules_spool_oldest_job_age_seconds": "gauge",
+        "mxrules_dead_letters_removed_total": "counter", "mxrules_dead_letter_bytes": "gauge",
+        "mxrules_dead_letter_oldest_age_seconds": "gauge",
+        "mxrules_dead_letter_retention_age_seconds": "gauge",
+        "mxrules_dead_letter_retention_bytes": "gauge",
         "mxrules_config_reloads_total": "counter",
         "mxrules_config_last_reload_success_timestamp_seconds": "gauge",
         "mxrules_config_last_reload_successful": "gauge",
@@ -137,6 +141,9 @@ def test_known_label_values_exist_at_zero_from_the_start(tmp_path: Path) -> None
     assert actions == {(("outcome", o), ("type", k)): 0.0
                        for k in ACTION_TYPES for o in ACTION_OUTCOMES}
     assert _samples(t["worker"], "mxrules_dead_letters_total") == {(): 0.0}
+    assert _samples(t["worker"], "mxrules_dead_letters_removed_total") == {
+        (("reason", "age"),): 0.0, (("reason", "size"),): 0.0}
+    assert _samples(t["milter"], "mxrules_recipients_total")[(("result", "too-big"),)] == 0.0
     assert set(_samples(t["worker"], "mxrules_spool_jobs")) == {(("state", s),) for s in STATES}
     for program in PROGRAMS:
         assert _samples(t[program], "mxrules_config_reloads_total") == {

@@ -8,6 +8,7 @@ progress records and the runner are the real ones.
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -16,10 +17,12 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from mxrules import config as config_mod
 from mxrules.actions import runner as runner_mod
 from mxrules.actions.base import ActionContext, Outcome, PermanentActionError
 from mxrules.actions.retry import RetryPolicy
 from mxrules.actions.runner import Runner
+from mxrules.actions.worker import RETENTION_INTERVAL, Worker
 from mxrules.config import WorkerSettings
 from mxrules.ids import new_message_id
 from mxrules.metrics import WorkerMetrics
@@ -192,3 +195,37 @@ def test_a_job_without_failures_is_done(tmp_path: Path, calls: Calls) -> None:
     assert _run(spool, "incoming", job_id, WorkerMetrics(CollectorRegistry())) == "done"
     assert calls.log == ["S3"] and spool.find(job_id) is None
 
+
+# -- the dead letters' retention pass ---------------------------------------------------
+
+def test_retention_pass_removes_counts_and_reports(tmp_path: Path, calls: Calls,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "mxrules.yaml"
+    path.write_text(f"spool: {{directory: {tmp_path / 'spool'}, failed_max_age: 100, "
+                    "failed_max_size: 0}\nmetrics: {worker_listen: ''}\n")
+    registry = CollectorRegistry()
+    worker = Worker(config_mod.load(str(path)), registry)
+    ids = [_spooled(worker.spool, _rule("r", S3Action(bucket_name="b"))) for _ in range(2)]
+    calls.failing = {(0, 0, "action")}
+    for job_id in ids:
+        assert _run(worker.spool, "incoming", job_id, worker.metrics) == "failed"
+    old, new = ids
+    os.utime(os.path.join(worker.spool.path("failed", old), "job.json"), (1000.0, 1000.0))
+    os.utime(os.path.join(worker.spool.path("failed", new), "job.json"), (1050.0, 1050.0))
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    # At 1120 the older is past 100 s; the newer expires at 1150: the next pass is due in 30 s.
+    assert worker.enforce_retention(now=1120.0) == pytest.approx(30.0)
+    assert worker.spool.ids("failed") == [new]
+    assert value("mxrules_dead_letters_removed_total", reason="age") == 1
+    assert value("mxrules_dead_letter_oldest_age_seconds") == pytest.approx(70.0)
+    size = sum(e.stat().st_size for e in os.scandir(worker.spool.path("failed", new)))
+    assert value("mxrules_dead_letter_bytes") == size
+    assert value("mxrules_dead_letter_retention_age_seconds") == 100
+    assert value("mxrules_dead_letter_retention_bytes") == 0
+    assert f"dead letter removed by retention message_id={old} reason=age" in caplog.text
+    # None left: the next pass is a minute away at most.
+    assert worker.enforce_retention(now=1200.0) == RETENTION_INTERVAL
+    assert worker.spool.ids("failed") == [] and value("mxrules_dead_letter_bytes") == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -16,10 +17,12 @@ from mxrules.spool import (
     JOB_VERSION,
     STATES,
     Client,
+    DeadLetter,
     Job,
     MatchedRule,
     Progress,
     Spool,
+    retention_victims,
     ses_timestamp,
     with_progress,
 )
@@ -659,3 +662,59 @@ def test_requeue_of_a_job_dead_lettered_mid_plan_goes_on_from_there(tmp_path) ->
     p = spool.requeue(job_id).progress
     assert (p.rule, p.action, p.attempts, p.only) == (0, 1, 0, ())
 
+
+def _letter(name: str, since: float, size: int) -> DeadLetter:
+    return DeadLetter(name, since, size)
+
+
+LETTERS = [_letter("c", 300.0, 30), _letter("a", 100.0, 10), _letter("b", 200.0, 20)]
+
+
+@pytest.mark.parametrize(
+    ("max_age", "max_size", "now", "removed"),
+    [
+        pytest.param(0, 0, 10_000.0, [], id="no-limits"),
+        pytest.param(250, 0, 500.0, [("a", "age"), ("b", "age")], id="age-oldest-first"),
+        pytest.param(400, 0, 500.0, [], id="age-exactly-at-the-limit-kept"),
+        pytest.param(0, 60, 500.0, [], id="size-exactly-at-the-limit"),
+        pytest.param(0, 59, 500.0, [("a", "size")], id="size-one-over"),
+        pytest.param(0, 30, 500.0, [("a", "size"), ("b", "size")], id="size-oldest-first"),
+        pytest.param(0, 1, 500.0, [("a", "size"), ("b", "size"), ("c", "size")],
+                     id="size-everything"),
+        pytest.param(350, 30, 500.0, [("a", "age"), ("b", "size")], id="age-then-size"),
+    ],
+)
+def test_retention_victims(max_age: float, max_size: int, now: float,
+                           removed: list[tuple[str, str]]) -> None:
+    victims = retention_victims(LETTERS, max_age, max_size, now)
+    assert [(letter.job_id, why) for letter, why in victims] == removed
+
+
+def test_dead_letters_and_their_removal(tmp_path) -> None:
+    spool = Spool(str(tmp_path))
+    old = _dead_letter(spool, b"x" * 1000)
+    new = _dead_letter(spool, b"y" * 10)
+    meta = os.path.join(spool.path("failed", old), "job.json")
+    os.utime(meta, (1000.0, 1000.0))
+    letters = spool.dead_letters()
+    assert [letter.job_id for letter in letters] == [old, new]
+    assert letters[0].since == 1000.0
+    sizes = {i: sum(e.stat().st_size for e in os.scandir(spool.path("failed", i)))
+             for i in (old, new)}
+    assert [letter.size for letter in letters] == [sizes[old], sizes[new]]
+    assert spool.remove_dead_letter(old) is True
+    assert spool.find(old) is None and os.listdir(os.path.join(str(tmp_path), "done")) == []
+    assert spool.remove_dead_letter(old) is False  # already gone
+    assert [letter.job_id for letter in spool.dead_letters()] == [new]
+
+
+def test_a_held_dead_letter_is_not_removed(tmp_path) -> None:
+    spool = Spool(str(tmp_path))
+    job_id = _dead_letter(spool)
+    fd = os.open(os.path.join(spool.path("failed", job_id), "lock"), os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert spool.remove_dead_letter(job_id) is False
+        assert spool.find(job_id) == "failed"
+    finally:
+        os.close(fd)
