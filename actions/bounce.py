@@ -19,11 +19,11 @@ whose envelope sender is empty is never bounced at all (RFC 3464 §2, RFC 5321
 SETTINGS (read from `ctx.settings`, provided by the worker)
 
     bounce_relay: str    "host:port" of the SMTP relay that takes the DSN
-                         (config `bounce.smtp_relay`; default 127.0.0.1:25,
-                         see DEFAULT_RELAY).  "[v6addr]:port" for IPv6; a
-                         missing port means 25.
+                         (config `bounce.smtp_relay`, default in the
+                         schema).  "[v6addr]:port" for IPv6; a missing port
+                         means 25.
     smtp_timeout: float  seconds allowed for the connect and for each SMTP
-                         command (smtplib's socket timeout; see DEFAULT_TIMEOUT).
+                         command (smtplib's socket timeout; `bounce.timeout`).
     bounce_require_authenticated, bounce_rate_per_sender, bounce_rate_per_client,
     bounce_rate_period   when a DSN may be sent at all (actions.bounce_limit).
 
@@ -70,9 +70,6 @@ from mxrules.spool import Job
 
 from .base import ActionContext, Outcome, PermanentActionError
 from .bounce_limit import authenticated_by
-
-DEFAULT_RELAY = "127.0.0.1:25"
-DEFAULT_TIMEOUT = 30.0
 
 # Postfix's header_size_limit is 102400: a header block bigger than that was
 # already cut by Postfix, so more would only make the DSN heavier.

@@ -12,12 +12,19 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mxrules.configschema import default
+from mxrules.settings import WorkerSettings
+
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    window: float = 4 * 3600.0
-    initial_delay: float = 1.0
-    max_delay: float = 600.0
+    window: float = default("worker.retry_window")
+    initial_delay: float = default("worker.retry_initial_delay")
+    max_delay: float = default("worker.retry_max_delay")
+
+    @classmethod
+    def of(cls, settings: WorkerSettings) -> RetryPolicy:
+        return cls(settings.retry_window, settings.retry_initial_delay, settings.retry_max_delay)
 
     def delay(self, attempts: int, rand: Callable[[], float] = random.random) -> float:
         """Seconds to wait after the `attempts`-th failure (1, 2, ...)."""

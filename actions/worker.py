@@ -107,7 +107,7 @@ class Worker:
         self.metrics.loaded(at_start=True)
         registry.register(SpoolCollector(self.spool))
         w = cfg.worker
-        self.policy = RetryPolicy(w.retry_window, w.retry_initial_delay, w.retry_max_delay)
+        self.policy = RetryPolicy.of(w)
         self.stopping = threading.Event()
         # deferred id -> (mtime_ns, next_due, action type it waits on or "")
         self._due: dict[str, tuple[int, float, str]] = {}
@@ -248,7 +248,7 @@ class Worker:
         w = cfg.worker
         with self._lock:
             self.cfg = cfg
-            self.policy = RetryPolicy(w.retry_window, w.retry_initial_delay, w.retry_max_delay)
+            self.policy = RetryPolicy.of(w)
             self.generation += 1
         self.metrics.loaded()
         self.retention_due.set()  # the dead letters' limits may have changed

@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
+from .configschema import default
+
 TlsPolicy = Literal["Require", "Optional"]
 
 # SES's limits on the email an action takes, SES's prepended headers included.  S3:
@@ -76,7 +78,7 @@ class SNSAction(Action):
     KEY: ClassVar[str] = "sns"
     TYPE: ClassVar[str] = "SNS"
     EMAIL_LIMIT: ClassVar[int | None] = SNS_EMAIL_LIMIT
-    encoding: str = "UTF-8"
+    encoding: str = default("$defs.action.sns.encoding")
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ class LambdaAction(Action):
     KEY: ClassVar[str] = "lambda"
     TYPE: ClassVar[str] = "Lambda"
     function_arn: str = ""
-    invocation_type: str = "Event"
+    invocation_type: str = default("$defs.action.lambda.invocation_type")
 
 
 @dataclass(frozen=True)
@@ -120,10 +122,10 @@ def action_from_config(item: dict[str, Any]) -> Action:
 @dataclass(frozen=True)
 class Rule:
     name: str
-    enabled: bool = False  # SES's default, kept: a rule runs only when switched on
+    enabled: bool = default("$defs.rule.enabled")  # SES's: a rule runs only when switched on
     recipients: tuple[str, ...] = ()
-    tls_policy: TlsPolicy = "Optional"
-    scan_enabled: bool = False
+    tls_policy: TlsPolicy = default("$defs.rule.tls_policy")
+    scan_enabled: bool = default("$defs.rule.scan_enabled")
     actions: tuple[Action, ...] = ()
 
     def to_config(self) -> dict[str, Any]:
@@ -140,10 +142,10 @@ class Rule:
     def from_config(cls, raw: dict[str, Any]) -> Rule:
         return cls(
             name=raw["name"],
-            enabled=bool(raw.get("enabled", False)),
+            enabled=bool(raw.get("enabled", cls.enabled)),
             recipients=tuple(raw.get("recipients") or ()),
-            tls_policy=raw.get("tls_policy", "Optional"),
-            scan_enabled=bool(raw.get("scan_enabled", False)),
+            tls_policy=raw.get("tls_policy", cls.tls_policy),
+            scan_enabled=bool(raw.get("scan_enabled", cls.scan_enabled)),
             actions=tuple(action_from_config(a) for a in raw.get("actions") or ()),
         )
 
@@ -165,7 +167,7 @@ class IpFilter:
 class Limits:
     """SES's limits, enforced as config errors; raisable for a self-hosted MX."""
 
-    rules_per_rule_set: int = 200
-    recipients_per_rule: int = 100
-    actions_per_rule: int = 10
-    ip_filters: int = 100
+    rules_per_rule_set: int = default("limits.rules_per_rule_set")
+    recipients_per_rule: int = default("limits.recipients_per_rule")
+    actions_per_rule: int = default("limits.actions_per_rule")
+    ip_filters: int = default("limits.ip_filters")

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from mxrules import cli
-from mxrules.config import DEFAULT_MAX_SIZE, load
+from mxrules.config import default, load
 from mxrules.errors import EX_CONFIG, ConfigError
 from mxrules.rules import (
     AddHeaderAction,
@@ -604,7 +604,7 @@ def test_defaults_of_an_empty_config(tmp_path) -> None:
     assert cfg.domains == ()
     assert cfg.delivery == "consume"
     assert cfg.forwarder_unresolved == "tempfail"
-    assert cfg.max_message_size == DEFAULT_MAX_SIZE == 40 * 1024 * 1024
+    assert cfg.max_message_size == default("max_message_size") == 40 * 1024 * 1024
     assert cfg.limits == Limits(200, 100, 10, 100)
     assert cfg.spool_directory == "/var/spool/mxrules"
     assert cfg.local_part_case_sensitive is False
