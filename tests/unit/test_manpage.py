@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -82,6 +83,43 @@ def test_every_schema_key_is_in_mxrules_yaml_5(pages: Path) -> None:
         assert any(p == name or p.endswith("." + name) for p in paths), name
     for path in paths:
         assert path in flat, path
+
+
+def _defaults(schema: Any) -> set[str]:
+    """The name of every property that has a default, anywhere in the schema."""
+    found: set[str] = set()
+    if isinstance(schema, dict):
+        for name, sub in schema.get("properties", {}).items():
+            if isinstance(sub, dict) and "default" in sub:
+                found.add(name)
+        for sub in schema.values():
+            found |= _defaults(sub)
+    elif isinstance(schema, list):
+        for item in schema:
+            found |= _defaults(item)
+    return found
+
+
+def test_every_default_in_the_schema_is_in_mxrules_yaml_5(pages: Path) -> None:
+    text, _ = render(pages / "mxrules.yaml.5")
+    flat = _flat(text).replace("\u2212", "-").replace("\u2010", "-")
+    schema = manpage.schema_document()
+    keys = list(manpage.walk(schema, schema))
+    with_default = [key for key in keys if "default" in key.schema]
+    assert {"listen", "threads", "failed_max_size", "per_client_ip", "enabled",
+            "encoding", "invocation_type"} <= {k.path.rsplit(".", 1)[-1] for k in with_default}
+    # Every default the schema holds, reached through the keys the page lists.
+    assert _defaults(schema) == {k.path.rsplit(".", 1)[-1] for k in with_default}
+    # Each key's entry on the page runs from its path to the next key's path.
+    starts = []
+    at = 0
+    for key in keys:
+        at = flat.index(f"{key.path} ", at)
+        starts.append(at)
+    for i, key in enumerate(keys):
+        if "default" in key.schema:
+            entry = flat[starts[i]:starts[i + 1] if i + 1 < len(keys) else len(flat)]
+            assert f"default {json.dumps(key.schema['default'])}." in entry, (key.path, entry)
 
 
 def test_schema_descriptions_reach_the_page(pages: Path) -> None:
