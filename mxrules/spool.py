@@ -259,7 +259,7 @@ def _rule(raw: Any, where: str) -> Rule:
     rule = _object(raw, where)
     _text(rule.get("name"), f"{where}.name")
     _texts(rule.get("recipients") or [], f"{where}.recipients")
-    _choice(rule.get("tls_policy", "Optional"), f"{where}.tls_policy", ("Require", "Optional"))
+    _choice(rule.get("tls_policy", Rule.tls_policy), f"{where}.tls_policy", ("Require", "Optional"))
     actions = rule.get("actions") or []
     if not isinstance(actions, list):
         raise _Shape(f"{where}.actions: expected a list, not {_brief(actions)}")

@@ -127,6 +127,7 @@ import dns.resolver
 import publicsuffix2
 import spf
 
+from mxrules.configschema import default
 from mxrules.scan import Status, Verdict
 from mxrules.scan.dkim_body import BodyHashes, Head, OutOfTime, Verifier, body_hash_key, read_head
 
@@ -157,7 +158,7 @@ class DnsSettings:
     """
 
     nameservers: tuple[str, ...] = ()
-    timeout: float = 5.0
+    timeout: float = default("scan.dns.timeout")
 
     def __post_init__(self) -> None:
         # Validated on construction so a bad config fails at load, not per message.
