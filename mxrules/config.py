@@ -138,166 +138,45 @@ def _check_scan(data: dict[str, Any], problem: Any) -> None:
                 "(Postfix waits 300 s for end of data)")
 
 
+@dataclass
+class _Loading:
+    """One load under way: the file, its YAML nodes, the files it names, the problems found."""
+
+    path: str
+    node: yaml.Node | None
+    files: list[str]
+    problems: list[ConfigProblem] = field(default_factory=list)
+
+    def here(self, tokens: list[str | int]) -> str:
+        line = line_of(self.node, tokens)
+        return f"{self.path}:{line}" if line else self.path
+
+    def problem(self, tokens: list[str | int], message: str) -> None:
+        self.problems.append(ConfigProblem(self.here(tokens), dotted(tokens), message))
+
+    def named_file(self, name: str) -> str:
+        """A file the config names, relative to it; the reload watcher watches it too."""
+        full = os.path.join(os.path.dirname(self.path), name)
+        self.files.append(full)
+        return full
+
+
 def _build(path: str, data: dict[str, Any], node: yaml.Node | None) -> Config:
-    problems: list[ConfigProblem] = []
-    base = os.path.dirname(path)
-    files = [path]
-
-    def here(tokens: list[str | int]) -> str:
-        line = line_of(node, tokens)
-        return f"{path}:{line}" if line else path
-
-    def problem(tokens: list[str | int], message: str) -> None:
-        problems.append(ConfigProblem(here(tokens), dotted(tokens), message))
-
+    ld = _Loading(path, node, [path])
     limits = Limits(**data.get("limits", {}))
-
-    # Rule sets: YAML, then an SES export.
-    raw_sets: dict[str, list[dict[str, Any]]] = dict(data.get("rule_sets") or {})
-    origin: dict[str, str] = {name: "yaml" for name in raw_sets}
-    if "rule_set_file" in data:
-        ses_file = os.path.join(base, data["rule_set_file"])
-        files.append(ses_file)
-        try:
-            name, rules = ses.rule_set_from_ses(ses.read_json(ses_file), ses_file)
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-        else:
-            ses_problems = []
-            for i, ses_rule in enumerate(rules):
-                ses_problems += schema_problems(
-                    ses_rule, ses_file, None, sub="rule",
-                    spell=lambda t, i=i: ses.ses_path([i, *t]))
-            if name in raw_sets:
-                problem(["rule_set_file"], f"rule set {name!r} from {ses_file} "
-                        "is also defined under rule_sets")
-            problems.extend(ses_problems)
-            if not ses_problems:
-                raw_sets[name] = rules
-                origin[name] = ses_file
-
-    rule_sets: dict[str, RuleSet] = {}
-    for set_name, rule_dicts in raw_sets.items():
-        src = origin[set_name]
-        prefix: list[str | int] = ["rule_sets", set_name]
-
-        def where(tokens: list[str | int], src: str = src,
-                  prefix: list[str | int] = prefix) -> tuple[str, str]:
-            if src == "yaml":
-                return here([*prefix, *tokens]), dotted([*prefix, *tokens])
-            return src, ses.ses_path(tokens)
-
-        rule_list = [Rule.from_config(r) for r in rule_dicts]
-        if len(rule_list) > limits.rules_per_rule_set:
-            f, p = where([])
-            problems.append(ConfigProblem(
-                f, p, f"{len(rule_list)} rules, more than the limit of "
-                f"{limits.rules_per_rule_set} (limits.rules_per_rule_set)"))
-        seen: dict[str, int] = {}
-        for i, rule in enumerate(rule_list):
-            if rule.name in seen:
-                f, p = where([i, "name"])
-                problems.append(ConfigProblem(f, p, f"duplicate rule name {rule.name!r} "
-                                              f"(also rule {seen[rule.name]})"))
-            seen.setdefault(rule.name, i)
-            if len(rule.recipients) > limits.recipients_per_rule:
-                f, p = where([i, "recipients"])
-                problems.append(ConfigProblem(f, p, f"{len(rule.recipients)} recipients, more than "
-                                              f"the limit of {limits.recipients_per_rule}"))
-            if len(rule.actions) > limits.actions_per_rule:
-                f, p = where([i, "actions"])
-                problems.append(ConfigProblem(f, p, f"{len(rule.actions)} actions, more than "
-                                              f"the limit of {limits.actions_per_rule}"))
-        rule_sets[set_name] = RuleSet(set_name, tuple(rule_list))
-
-    # Which rule set is active.
-    active = data.get("active_rule_set")
-    if "active_rule_set" not in data:
-        active = next(iter(rule_sets)) if len(rule_sets) == 1 else None
-        if len(rule_sets) > 1:
-            problem([], "active_rule_set is required when there is more than one rule set "
-                    f"({', '.join(sorted(rule_sets))})")
-    elif active is not None and active not in rule_sets:
-        known = ", ".join(sorted(rule_sets)) or "none"
-        problem(["active_rule_set"], f"no rule set named {active!r} (known: {known})")
-
-    # Managed domains: given, or every domain the rules name.
-    named = {
-        condition_domain(c): (set_name, rule.name)
-        for set_name, rs in rule_sets.items() for rule in rs.rules for c in rule.recipients
-    }
-    if "domains" in data:
-        domains = tuple(d.lower().rstrip(".") for d in data["domains"])
-        managed = ManagedDomains(domains)
-        for dom, (set_name, rule_name) in sorted(named.items()):
-            probe = f"x{dom}" if dom.startswith(".") else dom
-            if probe not in managed:
-                problem(["domains"], f"rule {rule_name!r} of rule set {set_name!r} names "
-                        f"{dom!r}, which is not a managed domain")
-    else:
-        domains = tuple(sorted(named))
-
-    # IP filters: YAML, then an SES export; blocklists; forwarders.
-    filters = [IpFilter(**raw) for raw in data.get("ip_filters", [])]
-    for i, flt in enumerate(filters):
-        try:
-            parse_cidr(flt.cidr)
-        except ValueError as exc:
-            problem(["ip_filters", i, "cidr"], f"not an address or CIDR: {exc}")
-    if "ip_filter_file" in data:
-        filter_file = os.path.join(base, data["ip_filter_file"])
-        files.append(filter_file)
-        try:
-            raw_filters = ses.filters_from_ses(ses.read_json(filter_file), filter_file)
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-        else:
-            for i, raw_filter in enumerate(raw_filters):
-                sub = schema_problems(
-                    {"ip_filters": [raw_filter]}, filter_file, None,
-                    spell=lambda t, i=i: f"Filters[{i}]" + "".join(
-                        f".{ses_key(x)}" for x in t[2:]))
-                if not sub:
-                    try:
-                        parse_cidr(raw_filter["cidr"])
-                        filters.append(IpFilter(**raw_filter))
-                    except ValueError as exc:
-                        sub.append(ConfigProblem(filter_file, f"Filters[{i}].IpFilter.Cidr",
-                                                 f"not an address or CIDR: {exc}"))
-                problems.extend(sub)
-    names: dict[str, int] = {}
-    for i, flt in enumerate(filters):
-        if flt.name in names:
-            problem(["ip_filters"], f"duplicate IP filter name {flt.name!r}")
-        names.setdefault(flt.name, i)
-    if len(filters) > limits.ip_filters:
-        problem(["ip_filters"], f"{len(filters)} IP filters, more than the limit of "
-                f"{limits.ip_filters} (limits.ip_filters)")
-
-    blocklist: list[tuple[IPNetwork, str]] = []
-    for i, name in enumerate(data.get("blocklists", [])):
-        bl_path = os.path.join(base, name)
-        files.append(bl_path)
-        try:
-            blocklist.extend(load_blocklist(bl_path))
-        except ConfigError as exc:
-            problems.extend(exc.problems)
-        del i
-
-    for i, cidr in enumerate(data.get("trusted_forwarders", [])):
-        try:
-            parse_cidr(cidr)
-        except ValueError as exc:
-            problem(["trusted_forwarders", i], f"not an address or CIDR: {exc}")
-
-    _check_scan(data, problem)
-
-    if problems:
-        raise ConfigError(problems)
+    rule_sets = _rule_sets(ld, data, limits)
+    active = _active_rule_set(ld, data, rule_sets)
+    domains = _domains(ld, data, rule_sets)
+    filters = _ip_filters(ld, data, limits)
+    blocklist = _blocklist(ld, data)
+    _check_forwarders(ld, data)
+    _check_scan(data, ld.problem)
+    if ld.problems:
+        raise ConfigError(ld.problems)
 
     settings = read(Config, data)
     # A relative spool directory is relative to the config file.
-    settings["spool_directory"] = os.path.join(base, settings["spool_directory"])
+    settings["spool_directory"] = os.path.join(os.path.dirname(path), settings["spool_directory"])
     return Config(
         path=path,
         **settings,
@@ -312,8 +191,171 @@ def _build(path: str, data: dict[str, Any], node: yaml.Node | None) -> Config:
         worker=worker_settings(data),
         aws=aws_settings(data),
         scan=scan_settings(data),
-        files=tuple(files),
+        files=tuple(ld.files),
     )
+
+
+def _raw_rule_sets(ld: _Loading, data: dict[str, Any]
+                   ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
+    """Rule sets as dicts, YAML then an SES export, and where each came from."""
+    raw_sets: dict[str, list[dict[str, Any]]] = dict(data.get("rule_sets") or {})
+    origin: dict[str, str] = {name: "yaml" for name in raw_sets}
+    if "rule_set_file" in data:
+        ses_file = ld.named_file(data["rule_set_file"])
+        try:
+            name, rules = ses.rule_set_from_ses(ses.read_json(ses_file), ses_file)
+        except ConfigError as exc:
+            ld.problems.extend(exc.problems)
+        else:
+            ses_problems = []
+            for i, ses_rule in enumerate(rules):
+                ses_problems += schema_problems(
+                    ses_rule, ses_file, None, sub="rule",
+                    spell=lambda t, i=i: ses.ses_path([i, *t]))
+            if name in raw_sets:
+                ld.problem(["rule_set_file"], f"rule set {name!r} from {ses_file} "
+                           "is also defined under rule_sets")
+            ld.problems.extend(ses_problems)
+            if not ses_problems:
+                raw_sets[name] = rules
+                origin[name] = ses_file
+    return raw_sets, origin
+
+
+def _rule_sets(ld: _Loading, data: dict[str, Any], limits: Limits) -> dict[str, RuleSet]:
+    raw_sets, origin = _raw_rule_sets(ld, data)
+    return {name: _rule_set(ld, name, rule_dicts, origin[name], limits)
+            for name, rule_dicts in raw_sets.items()}
+
+
+def _rule_set(ld: _Loading, set_name: str, rule_dicts: list[dict[str, Any]], src: str,
+              limits: Limits) -> RuleSet:
+    """One rule set, checked against SES's limits and for duplicate rule names."""
+    problems = ld.problems
+    prefix: list[str | int] = ["rule_sets", set_name]
+
+    def where(tokens: list[str | int]) -> tuple[str, str]:
+        if src == "yaml":
+            return ld.here([*prefix, *tokens]), dotted([*prefix, *tokens])
+        return src, ses.ses_path(tokens)
+
+    rule_list = [Rule.from_config(r) for r in rule_dicts]
+    if len(rule_list) > limits.rules_per_rule_set:
+        f, p = where([])
+        problems.append(ConfigProblem(
+            f, p, f"{len(rule_list)} rules, more than the limit of "
+            f"{limits.rules_per_rule_set} (limits.rules_per_rule_set)"))
+    seen: dict[str, int] = {}
+    for i, rule in enumerate(rule_list):
+        if rule.name in seen:
+            f, p = where([i, "name"])
+            problems.append(ConfigProblem(f, p, f"duplicate rule name {rule.name!r} "
+                                          f"(also rule {seen[rule.name]})"))
+        seen.setdefault(rule.name, i)
+        if len(rule.recipients) > limits.recipients_per_rule:
+            f, p = where([i, "recipients"])
+            problems.append(ConfigProblem(f, p, f"{len(rule.recipients)} recipients, more than "
+                                          f"the limit of {limits.recipients_per_rule}"))
+        if len(rule.actions) > limits.actions_per_rule:
+            f, p = where([i, "actions"])
+            problems.append(ConfigProblem(f, p, f"{len(rule.actions)} actions, more than "
+                                          f"the limit of {limits.actions_per_rule}"))
+    return RuleSet(set_name, tuple(rule_list))
+
+
+def _active_rule_set(ld: _Loading, data: dict[str, Any],
+                     rule_sets: dict[str, RuleSet]) -> str | None:
+    active: str | None = data.get("active_rule_set")
+    if "active_rule_set" not in data:
+        active = next(iter(rule_sets)) if len(rule_sets) == 1 else None
+        if len(rule_sets) > 1:
+            ld.problem([], "active_rule_set is required when there is more than one rule set "
+                       f"({', '.join(sorted(rule_sets))})")
+    elif active is not None and active not in rule_sets:
+        known = ", ".join(sorted(rule_sets)) or "none"
+        ld.problem(["active_rule_set"], f"no rule set named {active!r} (known: {known})")
+    return active
+
+
+def _domains(ld: _Loading, data: dict[str, Any], rule_sets: dict[str, RuleSet]
+             ) -> tuple[str, ...]:
+    """The managed domains: given, or every domain the rules name."""
+    named = {
+        condition_domain(c): (set_name, rule.name)
+        for set_name, rs in rule_sets.items() for rule in rs.rules for c in rule.recipients
+    }
+    if "domains" not in data:
+        return tuple(sorted(named))
+    domains = tuple(d.lower().rstrip(".") for d in data["domains"])
+    managed = ManagedDomains(domains)
+    for dom, (set_name, rule_name) in sorted(named.items()):
+        probe = f"x{dom}" if dom.startswith(".") else dom
+        if probe not in managed:
+            ld.problem(["domains"], f"rule {rule_name!r} of rule set {set_name!r} names "
+                       f"{dom!r}, which is not a managed domain")
+    return domains
+
+
+def _ip_filters(ld: _Loading, data: dict[str, Any], limits: Limits) -> list[IpFilter]:
+    """IP filters: YAML, then an SES export."""
+    filters = [IpFilter(**raw) for raw in data.get("ip_filters", [])]
+    for i, flt in enumerate(filters):
+        try:
+            parse_cidr(flt.cidr)
+        except ValueError as exc:
+            ld.problem(["ip_filters", i, "cidr"], f"not an address or CIDR: {exc}")
+    if "ip_filter_file" in data:
+        filters += _ses_ip_filters(ld, ld.named_file(data["ip_filter_file"]))
+    names: dict[str, int] = {}
+    for i, flt in enumerate(filters):
+        if flt.name in names:
+            ld.problem(["ip_filters"], f"duplicate IP filter name {flt.name!r}")
+        names.setdefault(flt.name, i)
+    if len(filters) > limits.ip_filters:
+        ld.problem(["ip_filters"], f"{len(filters)} IP filters, more than the limit of "
+                   f"{limits.ip_filters} (limits.ip_filters)")
+    return filters
+
+
+def _ses_ip_filters(ld: _Loading, filter_file: str) -> list[IpFilter]:
+    filters: list[IpFilter] = []
+    try:
+        raw_filters = ses.filters_from_ses(ses.read_json(filter_file), filter_file)
+    except ConfigError as exc:
+        ld.problems.extend(exc.problems)
+        return filters
+    for i, raw_filter in enumerate(raw_filters):
+        sub = schema_problems(
+            {"ip_filters": [raw_filter]}, filter_file, None,
+            spell=lambda t, i=i: f"Filters[{i}]" + "".join(
+                f".{ses_key(x)}" for x in t[2:]))
+        if not sub:
+            try:
+                parse_cidr(raw_filter["cidr"])
+                filters.append(IpFilter(**raw_filter))
+            except ValueError as exc:
+                sub.append(ConfigProblem(filter_file, f"Filters[{i}].IpFilter.Cidr",
+                                         f"not an address or CIDR: {exc}"))
+        ld.problems.extend(sub)
+    return filters
+
+
+def _blocklist(ld: _Loading, data: dict[str, Any]) -> list[tuple[IPNetwork, str]]:
+    blocklist: list[tuple[IPNetwork, str]] = []
+    for name in data.get("blocklists", []):
+        try:
+            blocklist.extend(load_blocklist(ld.named_file(name)))
+        except ConfigError as exc:
+            ld.problems.extend(exc.problems)
+    return blocklist
+
+
+def _check_forwarders(ld: _Loading, data: dict[str, Any]) -> None:
+    for i, cidr in enumerate(data.get("trusted_forwarders", [])):
+        try:
+            parse_cidr(cidr)
+        except ValueError as exc:
+            ld.problem(["trusted_forwarders", i], f"not an address or CIDR: {exc}")
 
 
 def ses_key(token: str | int) -> str:
