@@ -464,6 +464,11 @@ class JobWriter:
         self.dir = os.path.join(spool.root, "tmp", message_id)
         self.size = 0
         self._hash = hashlib.sha256()
+        # The session's thread writes and commits; the stopping milter's main
+        # thread may drop the reception (`abandon`) at any moment: never in the
+        # middle of a commit, and never once it is committed.
+        self._lock = threading.Lock()
+        self._open = True  # until committed or dropped
         os.mkdir(self.dir, 0o700)
         try:
             self._fh = _create(os.path.join(self.dir, MESSAGE))
@@ -472,9 +477,16 @@ class JobWriter:
             raise
 
     def write(self, data: bytes) -> None:
-        self._fh.write(data)
-        self._hash.update(data)
-        self.size += len(data)
+        with self._lock:
+            self._check_open()
+            self._fh.write(data)
+            self._hash.update(data)
+            self.size += len(data)
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise OSError(errno.ECANCELED, f"reception {self.message_id} was dropped "
+                          "(the milter is stopping)")
 
     @property
     def sha256(self) -> str:
@@ -486,7 +498,9 @@ class JobWriter:
 
     def flush(self) -> None:
         """Make what was written readable by other processes (the scanners)."""
-        self._fh.flush()
+        with self._lock:
+            self._check_open()
+            self._fh.flush()
 
     def commit(self, job: Job) -> str:
         """Make the job durable and visible to workers; returns its path.
@@ -495,6 +509,19 @@ class JobWriter:
         the rename into incoming/ and the fsync of both parent directories.
         Only after all of them may Postfix answer 250.
         """
+        with self._lock:
+            if not self._open:
+                raise SpoolError(f"cannot commit job {self.message_id}: the reception was "
+                                 "dropped (the milter is stopping)")
+            try:
+                return self._commit(job)
+            finally:
+                # Committed, dropped, or (a failed fsync) perhaps in incoming/ all
+                # the same: from here on it is never written or removed.
+                self._open = False
+                self.spool.received(self)
+
+    def _commit(self, job: Job) -> str:
         try:
             self._fh.flush()
             os.fsync(self._fh.fileno())
@@ -508,7 +535,7 @@ class JobWriter:
             target = os.path.join(self.spool.root, "incoming", self.message_id)
             os.rename(self.dir, target)
         except (OSError, ValueError) as exc:  # ValueError: a job.json that cannot be encoded
-            self.abort()
+            self._discard()
             raise SpoolError(f"cannot commit job {self.message_id}: {exc}") from exc
         return self._make_durable(target)
 
@@ -531,7 +558,7 @@ class JobWriter:
             except OSError:
                 pass  # neither durable nor taken back: the job may run; 451 all the same
             else:
-                self.abort()
+                self._discard()
             raise SpoolError(f"cannot commit job {self.message_id}: {exc}") from exc
         # The job is durable in incoming/.  Should the old name in tmp/ come back
         # after a crash, the janitor removes it (clean_tmp): nothing to fail on.
@@ -546,16 +573,38 @@ class JobWriter:
         file is closed all the same): that data is being thrown away anyway, and
         the reception must still leave tmp/ now, not at the janitor's next pass.
         """
+        with self._lock:
+            self._discard()
+
+    def abandon(self) -> bool:
+        """Drop the reception unless it is committed: False if it was (waits for a commit
+        in progress, which is then whole in incoming/)."""
+        with self._lock:
+            if not self._open:
+                return False
+            self._discard()
+            return True
+
+    def _discard(self) -> None:
+        """abort() with the lock held; nothing once committed or dropped."""
+        if not self._open:
+            return
+        self._open = False
         if not self._fh.closed:
             with contextlib.suppress(OSError):
                 self._fh.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+        self.spool.received(self)
 
 
 class Spool:
     def __init__(self, root: str) -> None:
         self.root = root
         self._dir_syncs = {d: _SharedDirSync(os.path.join(root, d)) for d in ("incoming", "tmp")}
+        # The receptions in tmp/ that this process has open, for stop_receiving().
+        self._receiving: set[JobWriter] = set()
+        self._receiving_lock = threading.Lock()
+        self._stopped = False
 
     def dir_sync(self, name: str) -> None:
         """Make the renames already done in incoming/ or tmp/ durable (an fsync, shared)."""
@@ -576,9 +625,32 @@ class Spool:
     def new_job(self, message_id: str) -> JobWriter:
         try:
             self.ensure()
-            return JobWriter(self, message_id)
+            writer = JobWriter(self, message_id)
         except OSError as exc:
             raise SpoolError(f"cannot create job {message_id} in {self.root}: {exc}") from exc
+        with self._receiving_lock:
+            if not self._stopped:
+                self._receiving.add(writer)
+                return writer
+        writer.abort()
+        raise SpoolError(f"cannot create job {message_id}: the milter is stopping")
+
+    def received(self, writer: JobWriter) -> None:
+        """`writer` is committed or dropped: no longer a reception in progress."""
+        with self._receiving_lock:
+            self._receiving.discard(writer)
+
+    def stop_receiving(self) -> int:
+        """Refuse new receptions and drop those in progress; returns how many were dropped.
+
+        For a stopping milter: a message still in DATA will not be answered
+        (Postfix answers it 4xx when the connection goes), so its reception
+        leaves tmp/ now.  A commit in progress finishes first and stands.
+        """
+        with self._receiving_lock:
+            self._stopped = True
+            writers = list(self._receiving)
+        return sum(writer.abandon() for writer in writers)
 
     def path(self, state: str, job_id: str) -> str:
         return os.path.join(self.root, state, job_id)

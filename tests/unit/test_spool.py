@@ -718,3 +718,65 @@ def test_a_held_dead_letter_is_not_removed(tmp_path) -> None:
         assert spool.find(job_id) == "failed"
     finally:
         os.close(fd)
+
+
+# -- a stopping milter drops the receptions it has open ------------------------------
+
+def _commit(writer, message_id: str) -> None:
+    writer.commit(_job(message_id, b"data"))
+
+
+@pytest.mark.parametrize(("before", "dropped", "incoming"), [
+    pytest.param(lambda w, m: None, 1, False, id="in-progress-is-dropped"),
+    pytest.param(_commit, 0, True, id="committed-stands-whole"),
+    pytest.param(lambda w, m: w.abort(), 0, False, id="aborted-is-not-counted"),
+])
+def test_stop_receiving(tmp_path, before, dropped: int, incoming: bool) -> None:
+    spool = Spool(str(tmp_path))
+    message_id = new_message_id()
+    writer = spool.new_job(message_id)
+    writer.write(b"data")
+    before(writer, message_id)
+    assert spool.stop_receiving() == dropped
+    assert spool.ids("tmp") == []
+    if incoming:
+        assert sorted(os.listdir(spool.path("incoming", message_id))) == ["job.json", "message"]
+        assert spool.load("incoming", message_id).message_id == message_id
+    else:
+        assert spool.ids("incoming") == []
+
+
+def test_a_dropped_reception_takes_no_more_data_and_is_never_committed(tmp_path) -> None:
+    spool = Spool(str(tmp_path))
+    message_id = new_message_id()
+    writer = spool.new_job(message_id)
+    writer.write(b"data")
+    assert writer.abandon() is True
+    assert writer.abandon() is False
+    with pytest.raises(OSError, match="dropped"):
+        writer.write(b"more")
+    with pytest.raises(OSError, match="dropped"):
+        writer.flush()
+    with pytest.raises(SpoolError, match="dropped"):
+        writer.commit(_job(message_id, b"data"))
+    writer.abort()
+    assert _listing(spool.root) == {state: [] for state in ("tmp", *STATES)}
+
+
+def test_no_reception_starts_once_receiving_stopped(tmp_path) -> None:
+    spool = Spool(str(tmp_path))
+    assert spool.stop_receiving() == 0
+    with pytest.raises(SpoolError, match="stopping"):
+        spool.new_job(new_message_id())
+    assert spool.ids("tmp") == []
+
+
+def test_abort_after_commit_leaves_the_job(tmp_path) -> None:
+    spool = Spool(str(tmp_path))
+    message_id = new_message_id()
+    writer = spool.new_job(message_id)
+    writer.write(b"data")
+    _commit(writer, message_id)
+    writer.abort()
+    assert writer.abandon() is False
+    assert spool.ids("incoming") == [message_id]
