@@ -3,12 +3,22 @@
 It loads the config (exit 78 when it is bad), serves Prometheus metrics,
 watches the config files and hands libmilter the `MxrulesMilter` class.
 
-Reload.  libmilter owns SIGHUP and SIGTERM (both: stop), and SIGINT, and Python
-signal handlers never run while the main thread sits in libmilter's loop.  So
-a watcher thread reloads when any config file changes (checked every
-`milter.reload_interval` seconds) or at once on SIGUSR1, which is blocked in
-every thread and taken with sigwait().  A new config is swapped in with one
-reference assignment; a bad one is logged and the old one stays in force.
+Stop.  libmilter owns SIGHUP, SIGTERM and SIGINT: its signal thread takes
+them with sigwait(), which only works if every other thread blocks them (a
+thread that does not would take the signal instead, and the default action
+kills the process: no "milter stopped", no cleanup).  libmilter blocks them
+in the thread that calls smfi_main(), but the threads started before that
+(metrics, config watch, janitor) would not inherit the mask; so `run` blocks
+them first, before any thread exists.  (A program started from here would
+inherit the mask too: the milter starts none.)  When libmilter returns, the
+receptions still open are dropped and the process ends at once (`_exit`).
+
+Reload.  Python signal handlers never run while the main thread sits in
+libmilter's loop.  So a watcher thread reloads when any config file changes
+(checked every `milter.reload_interval` seconds) or at once on SIGUSR1, which
+is blocked in every thread and taken with sigwait().  A new config is swapped
+in with one reference assignment; a bad one is logged and the old one stays in
+force.
 """
 
 from __future__ import annotations
@@ -18,6 +28,7 @@ import os
 import signal
 import threading
 import time
+from typing import NoReturn
 
 from prometheus_client import CollectorRegistry
 
@@ -33,6 +44,8 @@ from .session import Runtime
 log = logging.getLogger("mxrules.milter")
 
 RELOAD_SIGNAL = signal.SIGUSR1
+# What libmilter's signal thread waits for: SIGHUP and SIGTERM stop, SIGINT aborts.
+STOP_SIGNALS = frozenset({signal.SIGHUP, signal.SIGTERM, signal.SIGINT})
 
 
 def _fingerprint(paths: tuple[str, ...]) -> tuple[tuple[int, int, int] | None, ...]:
@@ -125,12 +138,12 @@ def janitor(runtime: Runtime, max_age: float, stop: threading.Event) -> None:
 
 
 def run(path: str) -> int:
+    # Block the reload and stop signals before any thread exists, so every
+    # thread (libmilter's included) inherits the mask and only sigwait() sees
+    # them.  One that comes meanwhile stays pending until libmilter waits for it.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {RELOAD_SIGNAL, *STOP_SIGNALS})
     cfg = config_mod.load(path)  # a ConfigError becomes exit 78 in the CLI
     setup_logging(cfg.log_level)
-
-    # Block the reload signal before any thread exists, so every thread
-    # (libmilter's included) inherits the mask and only sigwait() sees it.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {RELOAD_SIGNAL})
 
     registry = CollectorRegistry()
     metrics = MilterMetrics(registry)
@@ -157,12 +170,42 @@ def run(path: str) -> int:
     log.info("milter starting: listen=%s spool=%s active_rule_set=%s domains=%s delivery=%s",
              cfg.milter_listen, cfg.spool_directory, cfg.active_rule_set,
              ",".join(cfg.domains) or "-", cfg.delivery)
+    status = EX_SOFTWARE
     try:
         libmilter.serve(runtime, cfg.milter_listen, cfg.milter_timeout, cfg.socket_mode)
+        status = 0
     except Exception as exc:
         log.error("milter stopped: %s", exc)
-        return EX_SOFTWARE
     finally:
         stop.set()
-    log.info("milter stopped")
-    return 0
+        _drop_receptions(spool)
+    if status == 0:
+        log.info("milter stopped")
+    _exit(status)
+
+
+def _drop_receptions(spool: Spool) -> None:
+    """Leave nothing half-received in tmp/ when libmilter has stopped.
+
+    libmilter does not wait for its connections: the process ends with them,
+    and Postfix answers a message still in DATA or being scanned with its
+    milter_default_action (tempfail: the client sends it again).  So its
+    reception goes now; a commit in progress finishes first, and that job
+    stands whole.
+    """
+    dropped = spool.stop_receiving()
+    if dropped:
+        log.info("milter stopping: dropped=%d (messages not answered yet: Postfix "
+                 "answers them 4xx and their clients send them again)", dropped)
+
+
+def _exit(status: int) -> NoReturn:
+    """End the process now, connections and all.
+
+    libmilter returns without waiting for its connection threads, which call
+    into Python: finalizing the interpreter under them is not safe, and it
+    would wait for the scans still running (up to `scan.timeout`).  What must
+    outlive the process is on disk already; the log is flushed here.
+    """
+    logging.shutdown()
+    os._exit(status)

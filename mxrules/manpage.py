@@ -133,8 +133,8 @@ def render_mxrules_8() -> str:
         "A config that does not pass the checks is refused and the old one stays in use.",
         ".TP", "\\fBSIGTERM\\fR",
         "The worker finishes the actions it is running, then exits; unfinished jobs stay in the "
-        "spool. The milter stops within about 5 s (SIGHUP does the same); Postfix answers 4xx "
-        "for the transactions it had open.",
+        "spool. The milter stops within about 5 s (SIGHUP and SIGINT do the same), dropping the "
+        "messages it was still receiving; Postfix answers 4xx for the transactions it had open.",
         ".SH FILES",
         ".TP", f"\\fI{roff(DEFAULT_PATH)}\\fR",
         "The config, see \\fBmxrules.yaml\\fR(5).",

@@ -380,9 +380,14 @@ UNIT_SUCCESS = "7ad2d189f7e94e70a38c781354912448"
 PROCESS_EXIT = "98e322203f7a4ed290d09fe03c09fe15"
 
 
+STOPPED = {MILTER: "INFO mxrules.milter: milter stopped",
+           WORKER: "INFO mxrules.worker: worker stopped"}
+
+
 def test_stop(box: nspawn.Container) -> None:
-    """Both stop cleanly: no failure, no process left.  (An inactive unit may be unloaded at
-    once, and `systemctl show` then reports defaults: the journal says how each ended.)"""
+    """Both stop cleanly, through their own code: the "stopped" line, no failure, no process
+    left.  (An inactive unit may be unloaded at once, and `systemctl show` then reports
+    defaults: the journal says how each ended.)"""
     cursor = box.run("journalctl", "--show-cursor", "-n", "0", "-q").stdout.split("cursor: ")[1]
     box.run("systemctl", "stop", *UNITS, timeout=180)
     for unit in UNITS:
@@ -395,6 +400,12 @@ def test_stop(box: nspawn.Container) -> None:
         ids = [entry.get("MESSAGE_ID") for entry in entries]
         assert UNIT_SUCCESS in ids and PROCESS_EXIT not in ids, (
             unit, journal(box, "-u", unit))
+        # The service's own last words (its stderr, in the journal as the unit's).
+        wait_until(lambda u=unit: STOPPED[u] in box.run(
+            "journalctl", "-o", "cat", f"--after-cursor={cursor.strip()}",
+            f"_SYSTEMD_UNIT={u}").stdout.splitlines(),
+            f"{unit}: {STOPPED[unit]!r} in the journal\n{journal(box, '-u', unit)}",
+            timeout=30)
 
 
 def test_a_failed_run_leaves_nothing_behind(deb: Path) -> None:
