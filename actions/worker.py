@@ -36,7 +36,7 @@ from mxrules import config as config_mod
 from mxrules.config import Config
 from mxrules.errors import EX_UNAVAILABLE, ConfigError, CorruptJobError, SpoolError
 from mxrules.metrics import WorkerMetrics
-from mxrules.service import kv, serve_metrics, setup_logging
+from mxrules.service import kv, notify_ready, serve_metrics, setup_logging
 from mxrules.spool import STATES, Claim, Spool, message_time, retention_victims
 
 from .aws import Clients
@@ -432,6 +432,7 @@ def run(path: str, once: bool = False) -> int:
     log.info("worker starting: spool=%s threads=%d retry_window=%ss region=%s endpoint=%s",
              cfg.spool_directory, cfg.worker.threads, int(cfg.worker.retry_window),
              cfg.aws.region or "-", cfg.aws.endpoint_url or "-")
+    notify_ready()  # config loaded, spool usable, metrics served, SIGTERM drains
     worker.run_threads(once)
     log.info("worker stopped")
     return 0

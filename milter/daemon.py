@@ -36,7 +36,7 @@ from mxrules import config as config_mod
 from mxrules.decision import Engine
 from mxrules.errors import EX_SOFTWARE, EX_UNAVAILABLE, ConfigError
 from mxrules.metrics import MilterMetrics
-from mxrules.service import serve_metrics, setup_logging
+from mxrules.service import notify_ready, serve_metrics, setup_logging
 from mxrules.spool import Spool
 
 from .session import Runtime
@@ -172,7 +172,8 @@ def run(path: str) -> int:
              ",".join(cfg.domains) or "-", cfg.delivery)
     status = EX_SOFTWARE
     try:
-        libmilter.serve(runtime, cfg.milter_listen, cfg.milter_timeout, cfg.socket_mode)
+        libmilter.serve(runtime, cfg.milter_listen, cfg.milter_timeout, cfg.socket_mode,
+                        listening=notify_ready)
         status = 0
     except Exception as exc:
         log.error("milter stopped: %s", exc)

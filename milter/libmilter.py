@@ -11,6 +11,7 @@ import importlib
 import os
 import socket
 import stat
+from collections.abc import Callable
 from typing import Any
 
 import Milter
@@ -23,7 +24,10 @@ from .session import Runtime
 libmilter: Any = importlib.import_module("milter")
 
 
-def serve(runtime: Runtime, listen: str, timeout: int, socket_mode: str | None) -> None:
+def serve(runtime: Runtime, listen: str, timeout: int, socket_mode: str | None,
+          listening: Callable[[], None] = lambda: None) -> None:
+    """Run libmilter until it is told to stop; `listening` is called once its socket is
+    open (connections wait in its backlog until the loop takes them)."""
     MxrulesMilter.runtime = runtime
     Milter.factory = MxrulesMilter
     libmilter.set_flags(Milter.ADDHDRS | Milter.CHGHDRS | Milter.DELRCPT)
@@ -52,6 +56,7 @@ def serve(runtime: Runtime, listen: str, timeout: int, socket_mode: str | None) 
     port = _inet_port(listen)
     if port is not None:
         _no_delay(port)
+    listening()
     libmilter.main()
 
 

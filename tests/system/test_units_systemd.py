@@ -154,17 +154,13 @@ def journal(box: nspawn.Container, *args: str) -> str:
     return box.run("journalctl", "--no-pager", "-n", "40", *args).stdout
 
 
-def wait_ready(box: nspawn.Container, unit: str) -> None:
-    """Active, and past loading its config: it serves metrics.  (A Type=simple unit is
-    "active" as soon as it is forked; a config written before it is read would count.)"""
-    def ready() -> bool:
-        if show(box, unit, "ActiveState")["ActiveState"] != "active":
-            return False
-        try:
-            return "ok" in counters(box, unit)
-        except AssertionError:  # not listening yet
-            return False
-    wait_until(ready, f"{unit} to be active and serve metrics", timeout=60, interval=0.5)
+def start(box: nspawn.Container, *units: str) -> None:
+    """`systemctl start`, which returns once each unit is ready (Type=notify: READY=1 after
+    the config is loaded and the service serves): active, and metrics at the first try."""
+    box.run("systemctl", "start", *units, timeout=180)
+    for unit in units:
+        assert show(box, unit, "ActiveState")["ActiveState"] == "active", journal(box)
+        assert "ok" in counters(box, unit), unit  # at the first try: it serves already
 
 
 SEND = r"""
@@ -237,11 +233,8 @@ def test_start_and_one_message_through_postfix_milter_and_worker(
     box.run("postconf", "-e", "relay_domains = example.com")
     box.run("systemctl", "reload", "postfix")
 
-    box.run("systemctl", "start", *UNITS)
-    for unit in UNITS:
-        wait_ready(box, unit)
-    sock = box.merged / SOCKET.lstrip("/")
-    wait_until(sock.exists, "the milter's socket", timeout=60)
+    start(box, *UNITS)
+    assert (box.merged / SOCKET.lstrip("/")).exists()  # READY=1 came after it listened
 
     replies = python(box, SEND, "through-the-units")
     assert [code for code, _ in replies] == [250, 250, 250], (replies, journal(box))
@@ -356,7 +349,8 @@ def test_bad_config_at_start_exits_78_and_is_not_restarted(
     box.run("systemctl", "stop", unit)
     try:
         write_config(box, BAD)
-        box.run("systemctl", "start", unit, check=False)
+        # It exits before READY=1: the start itself fails.
+        assert box.run("systemctl", "start", unit, check=False).returncode != 0
         # After the exit systemd either schedules a restart (auto-restart) or gives up.
         wait_until(lambda: show(box, unit, "ActiveState", "SubState") in (
             {"ActiveState": "failed", "SubState": "failed"},
@@ -371,8 +365,7 @@ def test_bad_config_at_start_exits_78_and_is_not_restarted(
     finally:
         write_config(box, GOOD)
     box.run("systemctl", "reset-failed", unit)
-    box.run("systemctl", "start", unit)
-    wait_ready(box, unit)
+    start(box, unit)
 
 
 # systemd's journal message IDs (sd-messages.h): a unit stopped cleanly; a process exited.
