@@ -28,6 +28,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import astuple, dataclass, field
 
+from mxrules import authres
 from mxrules.decision import (
     CONTINUE,
     TEMPFAIL_INTERNAL,
@@ -107,8 +108,10 @@ class _Message:
     client: Client | None = None  # None: the connection's own client
     blocked: ConnectDecision | None = None
     unresolved: str = ""  # why the original client could not be found
-    auth_results_seen: int = 0
-    forged: list[int] = field(default_factory=list)  # occurrences claiming our authserv-id
+    # Occurrences of the header names only this host may write (authres), and
+    # those that arrived forged: (name, 1-based occurrence) to delete.
+    seen: dict[str, int] = field(default_factory=dict)
+    forged: list[tuple[str, int]] = field(default_factory=list)
 
     @property
     def handled(self) -> list[RcptDecision]:
@@ -276,14 +279,8 @@ class Session:
             if msg.received is None:
                 msg.received = OriginalClient(msg.engine.is_trusted_forwarder)
             msg.received.add(value)
-        if msg is not None and name.lower() == "authentication-results":
-            msg.auth_results_seen += 1
-            if _claims(value, msg.engine.config.hostname):
-                # Only this host may speak as this authserv-id (RFC 8601 §5): a
-                # copy that arrived from outside is forged.  It is kept out of
-                # the stored copy and deleted from Postfix's.
-                msg.forged.append(msg.auth_results_seen)
-                return
+        if msg is not None and _forged(msg, name, value):
+            return
         self._write(name.encode("utf-8", "surrogateescape") + b":" + _crlf(value) + b"\r\n")
 
     def eoh(self) -> None:
@@ -442,7 +439,8 @@ class Session:
             for decision, form in zip(msg.decisions, msg.recorded, strict=True):
                 if decision.handled and form not in delete and form not in kept:
                     (delete if _passable(form) else kept).append(form)
-        remove = tuple(("Authentication-Results", i) for i in sorted(msg.forged, reverse=True))
+        # Per name, the highest occurrence first: a deletion renumbers those below it.
+        remove = tuple(sorted(msg.forged, key=lambda f: (f[0], -f[1])))
         result = EomResult(CONTINUE, tuple(headers), tuple(delete), consume and not others,
                            message_id, remove)
         return result, tuple(kept)
@@ -598,10 +596,22 @@ class Session:
         return TEMPFAIL_INTERNAL
 
 
-def _claims(value: bytes, authserv_id: str) -> bool:
-    """Does an Authentication-Results value speak for `authserv_id`?"""
-    head = value.split(b";", 1)[0].strip().split(None, 1)
-    return bool(head) and head[0].decode("ascii", "replace").lower() == authserv_id.lower()
+def _forged(msg: _Message, name: str, value: bytes) -> bool:
+    """Count a header only this host may write; True (and remembered) if it is forged.
+
+    Only this host may speak as its authserv-id (RFC 8601 §5) or write SES's
+    verdict headers: a copy that arrived from outside is kept out of the stored
+    copy and deleted from Postfix's, whatever the rules scan.
+    """
+    own = authres.OWN_HEADERS.get(name.strip().lower())
+    if own is None:
+        return False
+    # Postfix finds the header to delete by name (without regard to case) and occurrence.
+    msg.seen[own] = occurrence = msg.seen.get(own, 0) + 1
+    if not authres.forged(name, value, msg.engine.config.hostname):
+        return False
+    msg.forged.append((own, occurrence))
+    return True
 
 
 def postfix_form(raw: str) -> str:

@@ -35,7 +35,8 @@ from typing import Any
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
-from mxrules import payload, ses
+from harness.dns import DnsServer
+from mxrules import authres, payload, ses
 from mxrules.actions import bounce
 from mxrules.actions.base import PermanentActionError
 from mxrules.actions.lambda_invoke import disposition_of
@@ -57,6 +58,7 @@ from mxrules.rules import (
     S3Action,
     SNSAction,
 )
+from mxrules.scan import auth
 from mxrules.scan.dkim_body import BodyCanon, read_head
 from mxrules.spool import Client, Job, MatchedRule, Spool
 from mxrules.spool_cli import row
@@ -110,7 +112,10 @@ def scratch() -> str:
 
 
 def cleanup() -> None:
-    global _SCRATCH
+    global _SCRATCH, _RUNTIME
+    if _DNS.port:
+        _DNS.stop()
+    _RUNTIME = None
     if _LOG_LEVEL:
         logging.getLogger("mxrules").setLevel(_LOG_LEVEL.pop())
     if _SCRATCH is not None:
@@ -717,6 +722,66 @@ def check_job(raw: bytes) -> None:
     claim.release()
 
 
+# Authentication-Results: the authserv-id that decides whether an incoming copy is forged.
+_TOKEN_CHARS = [c for c in range(0x21, 0x7F) if c not in b'()<>@,;:\\"/[]?=']
+
+
+def _quote_pairs(text: bytes, special: bytes) -> bytes:
+    return b"".join(b"\\" + bytes([c]) if c in special else bytes([c]) for c in text)
+
+
+@st.composite
+def comments(draw: st.DrawFn, depth: int = 0) -> bytes:
+    """An RFC 5322 comment over hostile bytes, nested up to 3 deep."""
+    parts = [b"("]
+    for _ in range(draw(st.integers(0, 3))):
+        if depth < 3 and draw(st.booleans()):
+            parts.append(draw(comments(depth + 1)))
+        else:
+            parts.append(_quote_pairs(draw(nasty_bytes), b"\\()"))
+        parts.append(draw(st.sampled_from([b"", b" ", b"\r\n\t"])))
+    return b"".join(parts) + b")"
+
+
+cfws = st.lists(st.one_of(st.sampled_from([b" ", b"\t", b"\r\n "]), comments()),
+                max_size=4).map(b"".join)
+
+
+@st.composite
+def authres_values(draw: st.DrawFn) -> tuple[bytes, str | None]:
+    """(value, the authserv-id it names); None for raw hostile bytes (not known)."""
+    if draw(st.integers(0, 3)) == 0:
+        return draw(nasty_bytes), None
+    before = draw(cfws)
+    if draw(st.booleans()):
+        raw = bytes(draw(st.lists(st.sampled_from(_TOKEN_CHARS), min_size=1, max_size=40)))
+        value = before + raw + draw(st.sampled_from([b";", b" ", b"(", b"/", b"\r\n"]))
+    else:
+        raw = draw(nasty_bytes.filter(lambda b: b and b"\r" not in b and b"\n" not in b))
+        value = before + b'"' + _quote_pairs(raw, b'\\"') + b'"'
+    return value + draw(nasty_bytes), raw.decode("utf-8", "replace")
+
+
+def check_authres(arg: tuple[bytes, str | None]) -> None:
+    """The id is read through comments and quotes; mxrules' own header always reads as ours."""
+    value, expected = arg
+    found = authres.authserv_id(value)
+    assert found is None or found != ""
+    if expected is not None:
+        assert found == expected, (value, found, expected)
+        shouted = "".join(c.upper() if c.isascii() else c for c in expected)
+        assert authres.claims(value, shouted)
+        target_by_name["authres"].note("constructed")
+    else:
+        target_by_name["authres"].note("raw, no id" if found is None else "raw, an id")
+    # Whatever the host name, the header mxrules writes for it reads as that host's.
+    host = value.decode("utf-8", "replace")
+    if host and auth.sanitize(host, 320) == host:
+        mine = auth.authentication_results(
+            host, auth.SpfResult("none", "mailfrom", "", ""), [], auth.DmarcResult("none"))
+        assert authres.claims(mine.encode(), host), (host, mine)
+
+
 # The milter session, driven as the adapter drives it.
 SESSION_CONFIG = """\
 hostname: mx.example.com
@@ -775,11 +840,14 @@ conversations = st.builds(
     rcpts=st.lists(st.one_of(st.sampled_from(RCPTS), addresses), min_size=1,
                    max_size=5).map(tuple),
     headers=st.lists(st.tuples(
-        st.one_of(header_names, st.sampled_from(["Received", "Authentication-Results"]),
+        st.one_of(header_names, st.sampled_from(["Received", "Authentication-Results",
+                                                 "X-SES-Spam-Verdict", "x-ses-virus-verdict"]),
                   nasty_text.filter(bool)),
         st.one_of(nasty_bytes, address_lists.map(lambda s: s.encode("utf-8", "surrogateescape")),
                   st.sampled_from([b"from h (h [198.51.100.9]) by relay",
-                                   b"mx.example.com; spf=pass", b"from x ([192.0.2.250])"]))),
+                                   b"mx.example.com; spf=pass", b" (c) MX.example.com; x",
+                                   b' "mx.example.com"; dkim=pass', b"from x ([192.0.2.250])"]),
+                  authres_values().map(lambda v: v[0]))),
         max_size=12).map(tuple),
     body=st.lists(st.one_of(nasty_bytes, mime_bodies()), max_size=4).map(tuple),
     queue_id=st.one_of(st.just("4QxYz1Abc"), nasty_text),
@@ -788,10 +856,18 @@ conversations = st.builds(
 _RUNTIME: Runtime | None = None
 
 
+# SPF, DKIM and DMARC run on every handled message: against a local DNS server that
+# knows no name, so a conversation never waits on the network.
+_DNS = DnsServer()
+
+
 def _runtime() -> Runtime:
     global _RUNTIME
     if _RUNTIME is None or not os.path.isdir(_RUNTIME.spool.root):
-        path = _file("session.yaml", SESSION_CONFIG.encode())
+        if not _DNS.port:
+            _DNS.start()
+        dns = f"scan:\n  dns: {{nameservers: ['{_DNS.address}'], timeout: 1}}\n"
+        path = _file("session.yaml", (SESSION_CONFIG + dns).encode())
         _RUNTIME = Runtime(Engine(load(path)), Spool(os.path.join(scratch(), "milter-spool")),
                            MilterMetrics(CollectorRegistry()))
     return _RUNTIME
@@ -807,11 +883,6 @@ def _edge(session: Session, stage: str, call: Callable[[], Any], *, noreply: boo
             session.deferred_error(stage, exc)
             return None
         return session.error(stage, exc)
-
-
-def _forged(value: bytes) -> bool:
-    head = value.split(b";", 1)[0].strip().split(None, 1)
-    return bool(head) and head[0].lower() == b"mx.example.com"
 
 
 def check_session(c: Conversation) -> None:
@@ -849,7 +920,7 @@ def check_session(c: Conversation) -> None:
     expected = b""
     for name, value in c.headers:
         _edge(session, "header", lambda n=name, v=value: session.header(n, v), noreply=True)
-        if not (name.lower() == "authentication-results" and _forged(value)):
+        if not authres.forged(name, value, "mx.example.com"):
             expected += (name.encode("utf-8", "surrogateescape") + b":"
                          + value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") + b"\r\n")
     _edge(session, "eoh", session.eoh, noreply=True)
@@ -994,6 +1065,8 @@ TARGETS = [
            check_dkim_body, weight=1.0),
     Target("disposition", "a RequestResponse Lambda reply -> its disposition, never an error",
            lambda_replies(), check_disposition, weight=1.0),
+    Target("authres", "authserv-id of an incoming Authentication-Results (comments, quotes)",
+           authres_values(), check_authres, weight=1.0),
 ]
 target_by_name = {t.name: t for t in TARGETS}
 
