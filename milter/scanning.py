@@ -1,13 +1,17 @@
 """The scans at end of data: spam, virus and SPF/DKIM/DMARC, side by side, with one deadline.
 
-Runs only when a matched rule has `scan_enabled`.  Each scanner reads the
+Spam and virus run when a matched rule has `scan_enabled`; SPF, DKIM and
+DMARC on every handled message unless `scan.authentication` says otherwise
+(SES authenticates every message; `ScanEnabled` switches only spam and virus).
+What did not run is DISABLED.  Each scanner reads the
 spooled file itself (no copy of the message in memory) from a small thread
 pool, so their network waits overlap; whatever has not answered when the
 deadline (`scan.timeout`) passes is PROCESSING_FAILED, as is every scanner
 that is down or not configured.  A failure never rejects and never loses the
 mail -- unless the operator chose `scan.on_failure: tempfail`.
 
-At most `scan.concurrency` messages are scanned at once.  A message holds its
+At most `scan.concurrency` messages are scanned for spam and viruses at once
+(SPF/DKIM/DMARC alone take no slot).  A message holds its
 slot until every one of its scanners has returned -- also one given up on at
 the deadline, which runs on until its own deadline -- so the memory and
 threads scans take stay bounded however much mail arrives together.  A
@@ -24,8 +28,9 @@ from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
+from mxrules.authres import SPAM_VERDICT, VIRUS_VERDICT
 from mxrules.config import ScanSettings
-from mxrules.scan import Verdict
+from mxrules.scan import DISABLED, Verdict
 
 log = logging.getLogger("mxrules.milter")
 
@@ -48,13 +53,14 @@ class ScanOutcome:
         return out
 
     def headers(self) -> list[tuple[str, str]]:
-        """The headers for Postfix's copy, in SES's order.
+        """The headers for Postfix's copy, in SES's order; none for a scan not run.
 
         docs/ses-compatibility.md, "The stored copy".
         """
-        return [("X-SES-Spam-Verdict", self.verdicts["spam"].status),
-                ("X-SES-Virus-Verdict", self.verdicts["virus"].status),
-                *self.auth_headers]
+        verdicts = [(name, self.verdicts[key].status)
+                    for name, key in ((SPAM_VERDICT, "spam"), (VIRUS_VERDICT, "virus"))
+                    if self.verdicts[key].status != "DISABLED"]
+        return [*verdicts, *self.auth_headers]
 
 
 def _failed(why: str) -> Verdict:
@@ -106,6 +112,9 @@ class ScanSlots:
 # that the schema allows (scan.concurrency): the pool never makes a scan queue.
 SCANNERS_PER_MESSAGE = 3
 MAX_CONCURRENCY = 32
+# Checks of messages that are only authenticated, at once: Postfix's default
+# process limit, so with its defaults none waits for a thread.
+AUTH_WORKERS = 100
 
 
 class Scanner:
@@ -114,14 +123,50 @@ class Scanner:
     def __init__(self, workers: int = SCANNERS_PER_MESSAGE * MAX_CONCURRENCY) -> None:
         self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scan")
         self.slots = ScanSlots()
+        # Messages that are only authenticated, apart: they never queue behind (or
+        # in front of) the slotted scans.  Threads are made as needed.
+        self.auth_pool = ThreadPoolExecutor(max_workers=AUTH_WORKERS, thread_name_prefix="auth")
 
     def scan(self, settings: ScanSettings, authserv_id: str, path: str, *, client_ip: str,
              helo: str, mail_from: str, recipients: Sequence[str],
-             client_hostname: str = "", queue_id: str = "") -> ScanOutcome | None:
+             client_hostname: str = "", queue_id: str = "", spam_virus: bool = True,
+             authenticate: bool = True) -> ScanOutcome | None:
         """The verdicts; None when no scan slot freed within `scan.wait_timeout`."""
-        from mxrules.scan import auth, spam, virus
+        from mxrules.scan import auth
 
         s = settings
+        jobs: dict[str, Callable[[], object]] = {}
+        if spam_virus:
+            jobs.update(self._spam_virus_jobs(s, path, client_ip=client_ip, helo=helo,
+                                              mail_from=mail_from, recipients=recipients,
+                                              client_hostname=client_hostname,
+                                              queue_id=queue_id))
+        if authenticate:
+            dns = auth.DnsSettings(nameservers=s.nameservers, timeout=s.dns_timeout)
+            jobs["auth"] = lambda: auth.check(
+                path, client_ip=client_ip, helo=helo, mail_from=mail_from,
+                authserv_id=authserv_id, dns=dns, timeout=s.timeout, max_size=s.dkim_max_size)
+        # Authentication alone takes no slot: it reads the header block and streams
+        # the body, so its memory is bounded per message, and ordinary mail must not
+        # wait, or be answered 451, for want of a slot.
+        if spam_virus and not self.slots.acquire(s.concurrency, s.wait_timeout):
+            return None
+        pool = self.pool if spam_virus else self.auth_pool
+        futures: dict[str, Future[object]] = {}
+        try:
+            for k, f in jobs.items():
+                futures[k] = pool.submit(f)
+        finally:
+            if spam_virus:
+                self.slots.release_when_done(futures.values())
+        return self._collect(futures, s.timeout, spam_virus=spam_virus)
+
+    @staticmethod
+    def _spam_virus_jobs(s: ScanSettings, path: str, *, client_ip: str, helo: str,
+                         mail_from: str, recipients: Sequence[str], client_hostname: str,
+                         queue_id: str) -> dict[str, Callable[[], object]]:
+        from mxrules.scan import spam, virus
+
         jobs: dict[str, Callable[[], object]] = {}
         if s.spam is not None:
             spam_cfg = s.spam
@@ -137,30 +182,24 @@ class Scanner:
             virus_cfg = s.virus
             jobs["virus"] = lambda: virus.scan_clamd(virus_cfg.address, path, timeout=s.timeout,
                                                      max_size=virus_cfg.max_size)
-        dns = auth.DnsSettings(nameservers=s.nameservers, timeout=s.dns_timeout)
-        jobs["auth"] = lambda: auth.check(
-            path, client_ip=client_ip, helo=helo, mail_from=mail_from,
-            authserv_id=authserv_id, dns=dns, timeout=s.timeout, max_size=s.dkim_max_size)
+        return jobs
 
-        if not self.slots.acquire(s.concurrency, s.wait_timeout):
-            return None
-        futures: dict[str, Future[object]] = {}
-        try:
-            for k, f in jobs.items():
-                futures[k] = self.pool.submit(f)
-        finally:
-            self.slots.release_when_done(futures.values())
-        wait(futures.values(), timeout=s.timeout)
-        verdicts: dict[str, Verdict] = {
-            "spam": _failed("no spam scanner configured"),
-            "virus": _failed("no virus scanner configured"),
-        }
+    @staticmethod
+    def _collect(futures: dict[str, Future[object]], timeout: float, *,
+                 spam_virus: bool) -> ScanOutcome:
+        from mxrules.scan import auth
+
+        wait(futures.values(), timeout=timeout)
+        verdicts: dict[str, Verdict] = dict.fromkeys(KEYS, DISABLED)
+        if spam_virus:  # asked for: a scanner left out of the config is a failure
+            verdicts["spam"] = _failed("no spam scanner configured")
+            verdicts["virus"] = _failed("no virus scanner configured")
         auth_headers: tuple[tuple[str, str], ...] = ()
         policy = None
         for key, fut in futures.items():
             if not fut.done():
                 fut.cancel()
-                result: object = _failed(f"no answer within {s.timeout:g}s")
+                result: object = _failed(f"no answer within {timeout:g}s")
             else:
                 try:
                     result = fut.result()

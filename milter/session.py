@@ -356,8 +356,9 @@ class Session:
         client = _utf8_client(msg.client or self.client)
         verdicts = dict(DISABLED_VERDICTS)
         auth_headers: tuple[tuple[str, str], ...] = ()
-        if engine.scan_wanted(plan):
-            outcome = self._scan(msg, writer, client, recipients)
+        scan, authenticate = engine.scan_wanted(plan), engine.auth_wanted(plan)
+        if scan or authenticate:
+            outcome = self._scan(msg, writer, client, recipients, scan, authenticate)
             if outcome is None:  # every scan slot stayed busy for scan.wait_timeout
                 writer.abort()
                 self.rt.metrics.messages.labels("tempfail").inc()
@@ -365,7 +366,8 @@ class Session:
                 self._log(logging.WARNING, "eom", sender=msg.sender, result="tempfail",
                           reason="scan-slots-busy")
                 return EomResult(TEMPFAIL_SCAN)
-            if outcome.failed and engine.config.scan.on_failure == "tempfail":
+            # on_failure is the scanning rules' choice: authentication alone never tempfails.
+            if scan and outcome.failed and engine.config.scan.on_failure == "tempfail":
                 writer.abort()
                 self.rt.metrics.messages.labels("tempfail").inc()
                 self._log(logging.WARNING, "eom", sender=msg.sender, result="tempfail",
@@ -500,24 +502,27 @@ class Session:
         return out
 
     def _scan(self, msg: _Message, writer: JobWriter, client: Client,
-              recipients: tuple[str, ...]) -> ScanOutcome | None:
+              recipients: tuple[str, ...], scan: bool,
+              authenticate: bool) -> ScanOutcome | None:
         cfg = msg.engine.config
         started = time.monotonic()
         writer.flush()
         outcome = self.rt.scanner.scan(
             cfg.scan, cfg.hostname, writer.message_path, client_ip=client.address,
             helo=client.helo, mail_from=msg.sender, recipients=recipients,
-            client_hostname=client.hostname, queue_id=self.queue_id)
+            client_hostname=client.hostname, queue_id=self.queue_id, spam_virus=scan,
+            authenticate=authenticate)
         if outcome is None:
             return None
         elapsed = time.monotonic() - started
         m = self.rt.metrics
         m.scan_seconds.observe(elapsed)
-        for key, verdict in outcome.verdicts.items():
+        ran = {k: v for k, v in outcome.verdicts.items() if v.status != "DISABLED"}
+        for key, verdict in ran.items():
             m.verdicts.labels(key, verdict.status).inc()
         self._log(logging.INFO, "scan", sender=msg.sender,
                   **{k: f"{v.status}" + (f"({v.detail})" if v.detail else "")
-                     for k, v in outcome.verdicts.items()},
+                     for k, v in ran.items()},
                   dmarc_policy=outcome.dmarc_policy, ms=int(elapsed * 1000))
         return outcome
 

@@ -218,7 +218,16 @@ class Engine:
         ]
 
     def scan_wanted(self, plan: Sequence[RulePlan]) -> bool:
+        """Spam and virus scans: only when a matched rule has scan_enabled (SES)."""
         return any(p.rule.scan_enabled for p in plan)
+
+    def auth_wanted(self, plan: Sequence[RulePlan]) -> bool:
+        """SPF, DKIM and DMARC: SES runs them on every message; `scan.authentication`
+        may narrow that to scanning rules, or turn them off."""
+        mode = self.config.scan.authentication
+        if mode == "always":
+            return bool(plan)
+        return mode == "scan_enabled" and self.scan_wanted(plan)
 
 
 def in_stream_headers(plan: Sequence[RulePlan]) -> list[tuple[str, str]]:

@@ -104,14 +104,20 @@ def explain(engine: Engine, tx: Transaction) -> dict[str, Any]:
         for p in plan
     ]
     out["scans"] = engine.scan_wanted(plan)
+    out["authentication"] = engine.auth_wanted(plan)
     sc = cfg.scan
     out["checks"] = [] if not out["scans"] else [
         f"spam: {sc.spam.engine} at {sc.spam.address}" if sc.spam
         else "spam: no scanner configured (PROCESSING_FAILED)",
         f"virus: {sc.virus.engine} at {sc.virus.address}" if sc.virus
         else "virus: no scanner configured (PROCESSING_FAILED)",
-        "SPF, DKIM, DMARC: DNS " + (", ".join(sc.nameservers) or "the system resolver"),
     ]
+    if out["authentication"]:
+        out["checks"].append(
+            "SPF, DKIM, DMARC: DNS " + (", ".join(sc.nameservers) or "the system resolver"))
+    elif out["scans"]:
+        out["checks"].append(f"SPF, DKIM, DMARC: DISABLED (scan.authentication: "
+                             f"{sc.authentication})")
     out["scan_timeout"] = sc.timeout
     out["in_stream_headers"] = [list(h) for h in in_stream_headers(plan)]
     handled = [d for d in decisions if d.handled]
@@ -195,8 +201,11 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"Headers added to Postfix's copy at end of data: {added}")
     if result["scans"]:
         lines.append(f"Scans (a matched rule has scan_enabled), within {cfg_timeout(result)}:")
-        lines += [f"  {c}" for c in result["checks"]]
+    elif result["authentication"]:
+        lines.append("Scans: SPF, DKIM, DMARC only (spam and virus DISABLED: no matched rule "
+                     f"has scan_enabled), within {cfg_timeout(result)}:")
     else:
         lines.append("Scans: no (no matched rule has scan_enabled; verdicts DISABLED)")
+    lines += [f"  {c}" for c in result["checks"]]
     lines.append(f"Delivery: {result['delivery']}")
     return "\n".join(lines)

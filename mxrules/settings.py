@@ -86,6 +86,9 @@ class ScanSettings:
     dkim_max_size: int = setting("scan.dkim_max_size")
     concurrency: int = setting("scan.concurrency")
     wait_timeout: float = setting("scan.wait_timeout")
+    # always: SPF/DKIM/DMARC on every handled message, as SES; scan_enabled: only
+    # when a matched rule scans; never.  See the schema's description.
+    authentication: str = setting("scan.authentication")
 
 
 # -- one function per section ------------------------------------------------

@@ -26,13 +26,17 @@ default resolver, verifies only the first DKIM signature, reports every DKIM err
 
 DNS
 
-Every lookup goes through one dnspython resolver per check, built from `DnsSettings`
-(the configured name servers, `ip` or `ip:port`, or the system's resolv.conf when none
-are given). A query may take `DnsSettings.timeout`, and never more than what is left of
-the check's DNS budget: `timeout` less a small reserve (10%, at most 0.5 s) for the work
-after the last answer, so a caller waiting exactly `timeout` gets the result. A server
-that never answers therefore costs the check under `timeout`, and what could not be
-looked up in time is a temporary error.
+Every lookup goes through one dnspython resolver per `DnsSettings`, shared by every
+check of the process (the configured name servers, `ip` or `ip:port`, or the system's
+resolv.conf when none are given), with a bounded answer cache: SPF, DKIM and DMARC run
+on every message, and a sender's records are asked once per TTL, not once per message.
+One check serves every recipient of a message (SES's verdicts do not depend on the
+recipient), so recipients never multiply lookups. A query may take
+`DnsSettings.timeout`, and never more than what is left of the check's DNS budget:
+`timeout` less a small reserve (10%, at most 0.5 s) for the work after the last answer,
+so a caller waiting exactly `timeout` gets the result. A server that never answers
+therefore costs the check under `timeout`, and what could not be looked up in time is a
+temporary error.
 
 - dkimpy: `DKIM.verify(dnsfunc=...)`, a per-call hook (`_KeyFetch`).
 - DMARC: the resolver directly.
@@ -124,6 +128,7 @@ import dkim.util
 import dns.exception
 import dns.name
 import dns.resolver
+import dns.ttl
 import publicsuffix2
 import spf
 
@@ -555,13 +560,46 @@ class DnsTempError(Exception):
     """A lookup that may work later: timeout, SERVFAIL/REFUSED, out of time."""
 
 
+# Answers kept across messages (each for its TTL, at most an hour): a sender's SPF,
+# DMARC and key records are asked once, not once per message.  Bounded twice: in
+# entries, and per answer (a larger one is used but not kept), so a hostile zone's
+# huge records cannot grow the milter: at most about 4096 x 8 KiB of answers.
+DNS_CACHE_ENTRIES = 4096
+DNS_CACHE_ANSWER_BYTES = 8192
+DNS_CACHE_MAX_TTL = 3600
+
+
+class _AnswerCache(dns.resolver.LRUCache):
+    """dnspython's thread-safe LRU cache, keeping only answers of a bounded size and age.
+
+    dnspython gives a negative answer without an SOA record (no TTL to go by) the
+    longest TTL there is; RFC 2308 §5 says such an answer is not cached, and here it
+    is not.  Every other answer is kept for its TTL, an hour at most.
+    """
+
+    def put(self, key: Any, value: dns.resolver.Answer) -> None:
+        if _answer_size(value) > DNS_CACHE_ANSWER_BYTES:
+            return
+        if value.chaining_result.minimum_ttl >= dns.ttl.MAX_TTL:
+            return
+        value.expiration = min(value.expiration, time.time() + DNS_CACHE_MAX_TTL)
+        super().put(key, value)
+
+
+def _answer_size(answer: dns.resolver.Answer) -> int:
+    rrset = answer.rrset
+    if rrset is None:
+        return 0
+    return sum(len(rdata.to_wire()) for rdata in rrset)
+
+
 @functools.lru_cache(maxsize=8)
 def _resolver_for(settings: DnsSettings) -> dns.resolver.Resolver:
-    """One resolver per DNS settings, shared by every check (queries do not change it).
+    """One caching resolver per DNS settings, shared by every check (queries do not change it).
 
     Built once, not per message: with no name servers configured that means
     reading /etc/resolv.conf once per process (a config reload with other
-    settings builds a new one).
+    settings builds a new one, with an empty cache).
     """
     if settings.nameservers:
         servers = [parse_nameserver(s) for s in settings.nameservers]
@@ -574,7 +612,13 @@ def _resolver_for(settings: DnsSettings) -> dns.resolver.Resolver:
     # time to ask the next one (or the same one again, once).
     resolver.timeout = settings.timeout / (len(resolver.nameservers) + 1)
     resolver.lifetime = settings.timeout
+    resolver.cache = _AnswerCache(DNS_CACHE_ENTRIES)
     return resolver
+
+
+def forget_dns_answers() -> None:
+    """Drop every resolver and its cached answers (the next check builds them again)."""
+    _resolver_for.cache_clear()
 
 
 class _Dns:

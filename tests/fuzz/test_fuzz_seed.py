@@ -16,6 +16,7 @@ from fuzz.targets import TARGETS, Target, cleanup, prepare, run_one
 from hypothesis import HealthCheck, given, settings
 from prometheus_client import CollectorRegistry
 
+from harness.dns import shared_server
 from mxrules.config import load
 from mxrules.decision import CONTINUE, Engine
 from mxrules.errors import ConfigError, CorruptJobError
@@ -88,8 +89,10 @@ def test_deeply_nested_job_json_is_moved_to_corrupt(tmp_path) -> None:
 def test_bytes_that_are_not_utf8_in_the_envelope_still_give_a_job(tmp_path) -> None:
     """pymilter hands undecodable bytes over as lone surrogates; the job must still encode."""
     config = tmp_path / "mxrules.yaml"
+    # Every message is authenticated: SPF/DKIM/DMARC see the same bytes, on a local DNS server.
     config.write_text("hostname: mx.example.com\ndomains: [example.com]\n"
-                      "rule_sets:\n  default:\n    - {name: all, enabled: true}\n")
+                      "rule_sets:\n  default:\n    - {name: all, enabled: true}\n"
+                      f"scan: {{dns: {{nameservers: ['{shared_server().address}']}}}}\n")
     rt = Runtime(Engine(load(str(config))), Spool(str(tmp_path / "spool")),
                  MilterMetrics(CollectorRegistry()))
     session = Session(rt, "c1")
@@ -106,6 +109,7 @@ def test_bytes_that_are_not_utf8_in_the_envelope_still_give_a_job(tmp_path) -> N
     assert (job.mail_from, job.recipients, job.queue_id) == (
         "s\ufffd@sender.test", ("u\ufffd@example.com",), "Q\ufffd")
     assert (job.client.hostname, job.client.helo) == ("host\ufffd.test", "helo\ufffd")
+    assert [n for n, _ in job.auth_headers] == ["Received-SPF", "Authentication-Results"]
     with open(rt.spool.message_path("incoming", result.message_id), "rb") as fh:
         assert fh.read() == b"Subject:caf\xe9\r\n\r\nbody\r\n"  # the message itself: as sent
     assert os.listdir(os.path.join(rt.spool.root, "tmp")) == []

@@ -17,6 +17,7 @@ test can prove a lookup went here and not to the system resolver.
 
 from __future__ import annotations
 
+import atexit
 import socket
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -203,6 +204,24 @@ class DnsServer:
                 server.server.shutdown()
         self._close()
         self.port = 0
+
+
+_SHARED: list[DnsServer] = []
+
+
+def shared_server() -> DnsServer:
+    """One local server for the whole process, knowing no name, started on first use.
+
+    mxrules authenticates every message: a milter started by the harness asks this
+    server (NXDOMAIN, at once) unless its config names another, so no test or
+    benchmark waits on the host's resolver or the Internet.
+    """
+    if not _SHARED:
+        server = DnsServer()
+        server.start()
+        atexit.register(server.stop)
+        _SHARED.append(server)
+    return _SHARED[0]
 
 
 @contextmanager

@@ -17,6 +17,7 @@ import yaml
 
 from mxrules.spool import Job, Spool
 
+from .dns import shared_server
 from .mxrules_proc import MilterProcess
 from .postfix import Postfix
 from .sink import SmtpSink
@@ -91,11 +92,21 @@ def write_config(directory: Path, *, source: str = "yaml", rules: list[dict[str,
         (directory / "filters.json").write_text(json.dumps(ses_filters(filters)))
         doc.update(rule_set_file="rule-set.json", ip_filter_file="filters.json")
     doc.update(extra)
+    _local_dns(doc)
     path = directory / "mxrules.yaml"
     tmp = path.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
     tmp.replace(path)  # atomic: the milter's watcher never reads half a file
     return path
+
+
+def _local_dns(doc: dict[str, Any]) -> None:
+    """SPF, DKIM and DMARC run on every message: their DNS is local unless a test says."""
+    scan = dict(doc.get("scan") or {})
+    dns = dict(scan.get("dns") or {})
+    if not dns.get("nameservers"):
+        dns["nameservers"] = [shared_server().address]
+        doc["scan"] = {**scan, "dns": dns}
 
 
 @dataclass

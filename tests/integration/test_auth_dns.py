@@ -25,7 +25,13 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from harness.dns import DnsServer
 from mxrules.scan import Verdict
-from mxrules.scan.auth import AuthResult, DnsSettings, check
+from mxrules.scan.auth import (
+    DNS_CACHE_ANSWER_BYTES,
+    AuthResult,
+    DnsSettings,
+    check,
+    forget_dns_answers,
+)
 
 AID = "mx.example.net"
 CLIENT = "192.0.2.1"
@@ -66,6 +72,7 @@ def dns_server() -> Iterator[DnsServer]:
 @pytest.fixture
 def zone(dns_server: DnsServer) -> DnsServer:
     dns_server.load({})
+    forget_dns_answers()  # answers are cached across checks; each test has its own zone
     return dns_server
 
 
@@ -268,6 +275,16 @@ def test_missing_key_is_a_failure(zone: DnsServer, keys: tuple[Key, Key],
         f"header.b={b8(signed)}; dmarc=none header.from=example.com")
 
 
+def test_unsigned_message_over_the_size_limit_is_gray(zone: DnsServer, tmp_path: Path) -> None:
+    # Unsigned: nothing for DKIM to verify, so the size limit does not matter (only the
+    # header block is read; DMARC needs From, and finds it there).
+    zone.load({**SPF_PASS, "_dmarc.example.com": {"TXT": ["v=DMARC1; p=reject"]}})
+    msg = message(body="x" * 5000 + "\r\n")
+    result = run(zone, tmp_path, msg, max_size=len(msg) // 2)
+    assert (result.spf.status, result.dkim, result.dmarc.status) == (
+        "PASS", Verdict("GRAY", "no signature"), "PASS")
+
+
 def test_key_lookup_servfail_is_processing_failed(zone: DnsServer, keys: tuple[Key, Key],
                                                   tmp_path: Path) -> None:
     zone.load(SPF_PASS)
@@ -284,17 +301,51 @@ def test_key_lookup_servfail_is_processing_failed(zone: DnsServer, keys: tuple[K
 
 def test_signatures_past_ten_are_not_checked(zone: DnsServer, keys: tuple[Key, Key],
                                             tmp_path: Path) -> None:
-    zone.load({"sel1._domainkey.example.com": {"TXT": [keys[0].record]}})
+    # A selector per signature: each checked one costs its own lookup (answers are cached).
+    zone.load({f"sel{i}._domainkey.example.com": {"TXT": [keys[0].record]} for i in range(12)})
     signed = message()
-    for _ in range(12):
-        signed = sign(signed, "sel1", "example.com", keys[0])
+    for i in range(12):
+        signed = sign(signed, f"sel{i}", "example.com", keys[0])
     result = run(zone, tmp_path, signed)
     # Checked ones pass; two were not looked at, so no PASS either.
     assert result.dkim.status == "PROCESSING_FAILED"
     assert result.authentication_results.count("dkim=pass ") == 10
     assert "; dkim=neutral (2 more signatures not checked); dmarc=none" in (
         result.authentication_results)
-    assert zone.asked("TXT").count("sel1._domainkey.example.com") == 10
+    keys_asked = [n for n in zone.asked("TXT") if "._domainkey." in n]
+    # The last signature added is the first in the header block, and checked first.
+    assert keys_asked == [f"sel{i}._domainkey.example.com" for i in range(11, 1, -1)]
+
+
+def test_answers_are_shared_across_messages(zone: DnsServer, keys: tuple[Key, Key],
+                                            tmp_path: Path) -> None:
+    zone.load({**SPF_PASS, "sel1._domainkey.example.com": {"TXT": [keys[0].record]},
+               "_dmarc.example.com": {"TXT": ["v=DMARC1; p=reject"]}})
+    signed = sign(message(), "sel1", "example.com", keys[0])
+    first = run(zone, tmp_path, signed)
+    asked = zone.asked()
+    again = run(zone, tmp_path, signed)
+    assert (again.spf, again.dkim, again.dmarc) == (first.spf, first.dkim, first.dmarc)
+    assert (first.spf.status, first.dkim.status, first.dmarc.status) == ("PASS",) * 3
+    assert zone.asked() == asked  # the second message asked DNS nothing
+
+
+def test_negative_answers_without_soa_are_not_kept(zone: DnsServer, tmp_path: Path) -> None:
+    # This server's NXDOMAIN carries no SOA, so no negative TTL (RFC 2308 §5: not cached).
+    zone.load({})
+    for _ in range(2):
+        assert run(zone, tmp_path, message()).spf.status == "GRAY"
+    assert zone.asked("TXT") == ["example.com", "_dmarc.example.com"] * 2
+
+
+def test_large_answers_are_used_but_not_kept(zone: DnsServer, tmp_path: Path) -> None:
+    # Valid SPF padded past the cache's per-answer bound (TCP fallback brings it whole).
+    padding = ["v=spf1 ip4:192.0.2.1 -all"] + [f"x{i}-" + "y" * 250
+                                               for i in range(DNS_CACHE_ANSWER_BYTES // 250 + 2)]
+    zone.load({"example.com": {"TXT": padding}})
+    for _ in range(2):
+        assert run(zone, tmp_path, message()).spf.status == "PASS"
+    assert zone.asked("TXT").count("example.com") == 2
 
 
 def test_message_over_the_size_limit(zone: DnsServer, keys: tuple[Key, Key],

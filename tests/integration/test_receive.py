@@ -113,18 +113,21 @@ def test_deliver_mode_adds_headers_in_order_and_job_matches(make_stack: Any,
     assert delivered.rcpt_tos == ("user@example.com",)
     parsed = email.message_from_bytes(delivered.data, policy=policy.compat32)
     names = [k for k, _ in parsed.items()]
-    # Postfix's own Received first, then the AddHeader actions in rule-set order,
-    # then the message's own headers.
-    assert names[:3] == ["Received", "X-First", "X-Second"], names
+    # Postfix's own Received first, then SPF/DKIM/DMARC's headers (every message is
+    # authenticated, as in SES), the AddHeader actions in rule-set order, then the
+    # message's own headers.
+    assert names[:5] == ["Received", "Received-SPF", "Authentication-Results", "X-First",
+                         "X-Second"], names
     assert parsed["X-First"] == "one" and parsed["X-Second"] == "two"
-    assert names.count("Received") == 1 and "Return-Path" not in names[:3]
+    assert names.count("Received") == 1 and "Return-Path" not in names[:5]
 
     [(job_id, job)] = stack.jobs()
     assert job.mail_from == "a@sender.test"
     assert job.recipients == ("user@example.com",)
     assert [(m.rule.name, m.recipients) for m in job.rules] == [
         ("store", ("user@example.com",)), ("second", ("user@example.com",))]
-    assert job.in_stream_headers == (("X-First", "one"), ("X-Second", "two"))
+    assert job.in_stream_headers == (*job.auth_headers, ("X-First", "one"), ("X-Second", "two"))
+    assert [n for n, _ in job.auth_headers] == ["Received-SPF", "Authentication-Results"]
     assert job.rules[0].rule.to_config() == {
         **RULES[0], "tls_policy": "Optional", "scan_enabled": False}
     with open(stack.spool.message_path("incoming", job_id), "rb") as fh:

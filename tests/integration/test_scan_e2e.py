@@ -1,9 +1,11 @@
 """Scans end to end: real Postfix + milter with real spamd, clamd and a local DNS server.
 
-Issue acceptance 4-6: verdicts in the job and as headers on Postfix's copy in
-SES's order, PROCESSING_FAILED when a scanner is down (the mail is still
-accepted), DISABLED without contacting any scanner for rules that do not ask,
-and a forged Authentication-Results with our authserv-id removed.
+Verdicts in the job and as headers on Postfix's copy in SES's order,
+PROCESSING_FAILED when a scanner is down (the mail is still accepted), spam
+and virus DISABLED without contacting any scanner for rules that do not ask
+(SPF, DKIM and DMARC still run: SES authenticates every message), and forged
+Authentication-Results (our authserv-id, however written) and X-SES verdicts
+removed.
 """
 
 from __future__ import annotations
@@ -131,19 +133,21 @@ def test_scanners_down_give_processing_failed_and_mail_goes_on(
     assert job.verdicts["spf"] == "PASS"
 
 
-def test_rule_without_scan_enabled_is_disabled_and_contacts_no_scanner(
+def test_rule_without_scan_enabled_authenticates_but_contacts_no_scanner(
         make_stack: Any, dns: DnsServer, silent_port: socket.socket) -> None:
     address = f"127.0.0.1:{silent_port.getsockname()[1]}"
     stack = scan_stack(make_stack, dns, address, address)
     r = stack.send(["other@example.com"], mime("plain", "hi"), client_ip=CLIENT)
     assert r.data is not None and r.data[0] == 250
     [(_, job)] = stack.jobs()
-    assert set(job.verdicts.values()) == {"DISABLED"}
+    assert job.verdicts == {"spam": "DISABLED", "virus": "DISABLED", "spf": "PASS",
+                            "dkim": "GRAY", "dmarc": "GRAY"}
     with pytest.raises(BlockingIOError):
-        silent_port.accept()  # nobody connected
-    assert dns.asked() == []
+        silent_port.accept()  # no spam or virus scanner was contacted
+    assert "sender.test" in dns.asked("TXT")  # SPF was looked up
     names = [n for n, _ in delivered_headers_after(stack)]
-    assert "X-SES-Spam-Verdict" not in names and "Authentication-Results" not in names
+    assert names[:3] == ["Received", "Received-SPF", "Authentication-Results"], names
+    assert "X-SES-Spam-Verdict" not in names and "X-SES-Virus-Verdict" not in names
 
 
 def delivered_headers_after(stack: Stack) -> list[tuple[str, str]]:
@@ -151,24 +155,30 @@ def delivered_headers_after(stack: Stack) -> list[tuple[str, str]]:
     return delivered_headers(stack, 0)
 
 
-def test_forged_authentication_results_is_removed(make_stack: Any, dns: DnsServer,
-                                                  spamd: Any, clamd: Any) -> None:
+def test_forged_verdict_headers_are_removed(make_stack: Any, dns: DnsServer,
+                                           spamd: Any, clamd: Any) -> None:
     stack = scan_stack(make_stack, dns, spamd.address, clamd.address)
     forged = ("Authentication-Results: mx.test; spf=pass smtp.mailfrom=ceo@example.com; "
               "dkim=pass header.d=example.com\r\n"
-              "Authentication-Results: other.example; spf=none\r\n")
-    r = stack.send(["user@example.com"], mime("forged", "trust me", extra=forged),
-                   client_ip=CLIENT)
+              "Authentication-Results: (x) mx.test; spf=pass smtp.mailfrom=ceo1@example.com\r\n"
+              'Authentication-Results: "mx.test"; dkim=pass header.d=ceo2.example.com\r\n'
+              "Authentication-Results: other.example; spf=none\r\n"
+              "X-SES-Spam-Verdict: PASS-ceo3\r\nx-ses-virus-verdict: PASS-ceo4\r\n")
+    r = stack.send(["user@example.com"], mime("forged", GTUBE, extra=forged), client_ip=CLIENT)
     assert r.data is not None and r.data[0] == 250
     stack.sink.wait_for(1)
-    results = [v for n, v in delivered_headers(stack, 0) if n == "Authentication-Results"]
-    ours = [v for v in results if v.startswith("mx.test")]
-    assert len(ours) == 1 and "ceo@example.com" not in ours[0]
-    assert any(v.startswith("other.example") for v in results)  # not ours: kept
+    delivered = delivered_headers(stack, 0)
+    results = [v for n, v in delivered if n == "Authentication-Results"]
+    assert len(results) == 2 and results[0].startswith("mx.test; spf=pass smtp.mailfrom=a@")
+    assert results[1] == "other.example; spf=none"  # not ours: kept
+    # One spam verdict, ours (GTUBE is spam), and one virus verdict.
+    assert [(n.lower(), v) for n, v in delivered if n.lower().startswith("x-ses-")] == [
+        ("x-ses-spam-verdict", "FAIL"), ("x-ses-virus-verdict", "PASS")]
+    assert b"ceo" not in stack.sink.messages[0].data
     [(job_id, _)] = stack.jobs()
     with open(stack.spool.message_path("incoming", job_id), "rb") as fh:
         stored = fh.read()
-    assert b"ceo@example.com" not in stored and b"other.example; spf=none" in stored
+    assert b"ceo" not in stored and b"other.example; spf=none" in stored
 
 
 def test_rspamd_engine_end_to_end(make_stack: Any, dns: DnsServer, rspamd: Any,

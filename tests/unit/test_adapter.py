@@ -16,6 +16,7 @@ import Milter
 import pytest
 from prometheus_client import CollectorRegistry
 
+from harness.dns import DnsServer
 from mxrules.config import load
 from mxrules.decision import Engine
 from mxrules.metrics import MilterMetrics
@@ -70,10 +71,20 @@ class Context:
         pass
 
 
+@pytest.fixture(scope="module")
+def dns() -> Any:
+    # Every message is authenticated (SPF, DKIM, DMARC): its DNS is this local server.
+    server = DnsServer({"example.net": {"TXT": ["v=spf1 ip4:203.0.113.5 -all"]}})
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-def runtime(tmp_path) -> Runtime:
+def runtime(tmp_path, dns: DnsServer) -> Runtime:
     path = tmp_path / "mxrules.yaml"
-    path.write_text(textwrap.dedent(CONFIG))
+    dns_config = f"scan: {{dns: {{nameservers: ['{dns.address}']}}}}\n"
+    path.write_text(textwrap.dedent(CONFIG) + dns_config)
     return Runtime(Engine(load(str(path))), Spool(str(tmp_path / "spool")),
                    MilterMetrics(CollectorRegistry()))
 
@@ -114,10 +125,15 @@ def test_a_change_that_fails_after_the_commit_keeps_the_stored_answer(
                                     ("<friend@other.test>", "friend@other.test")])
     assert reply == Milter.CONTINUE
     [job_id] = runtime.spool.ids("incoming")
-    # Every change was still tried, in order, and the recipient named as the client wrote it.
-    assert ctx.calls == [("addheader", "X-One", "1", 1), ("addheader", "X-Two", "2", 2),
-                         ("delrcpt", "SUPPORT@EXAMPLE.COM")]
-    assert _errors(runtime, stage) == (2 if stage == "add-header" else 1)
+    # Every change was still tried, in order, and the recipient named as the client wrote it:
+    # SPF/DKIM/DMARC's headers first (every message is authenticated), then the AddHeaders.
+    assert [(c[0], c[1], c[-1]) for c in ctx.calls] == [
+        ("addheader", "Received-SPF", 1), ("addheader", "Authentication-Results", 2),
+        ("addheader", "X-One", 3), ("addheader", "X-Two", 4),
+        ("delrcpt", "SUPPORT@EXAMPLE.COM", "SUPPORT@EXAMPLE.COM")]
+    assert ctx.calls[2:4] == [("addheader", "X-One", "1", 3), ("addheader", "X-Two", "2", 4)]
+    assert ctx.calls[0][2].startswith("pass (mx.example.com: domain of example.net designates")
+    assert _errors(runtime, stage) == (4 if stage == "add-header" else 1)
     assert not any(c[0] == "setreply" for c in ctx.calls)
     assert any(job_id in r.getMessage() and "after commit" in r.getMessage()
                for r in caplog.records if r.levelname == "ERROR")
@@ -126,4 +142,4 @@ def test_a_change_that_fails_after_the_commit_keeps_the_stored_answer(
 def test_all_handled_recipients_discard_postfix_copy(runtime) -> None:
     ctx = Context(set())
     assert _deliver(runtime, ctx, [("<a@example.com>", "a@example.com")]) == Milter.DISCARD
-    assert [c[0] for c in ctx.calls] == ["addheader", "addheader"]
+    assert [c[0] for c in ctx.calls] == ["addheader"] * 4

@@ -164,6 +164,29 @@ def test_explain_keeps_every_recipient(capsys, config: str, rcpt_args: list[str]
 
 
 @pytest.mark.parametrize(
+    ("mode", "expected"),
+    [
+        pytest.param("", ["Scans: SPF, DKIM, DMARC only (spam and virus DISABLED: no matched "
+                          "rule has scan_enabled), within 60 s:",
+                          "  SPF, DKIM, DMARC: DNS the system resolver"], id="always"),
+        pytest.param("scan:\n  authentication: scan_enabled\n",
+                     ["Scans: no (no matched rule has scan_enabled; verdicts DISABLED)"],
+                     id="per-rule"),
+    ],
+)
+def test_explain_authentication_for_an_unscanned_rule(capsys, tmp_path, mode: str,
+                                                      expected: list[str]) -> None:
+    path = tmp_path / "mxrules.yaml"
+    path.write_text(CONFIG + mode)
+    code, out, _ = _run(capsys, "explain", "-c", str(path), "--client-ip", "192.0.2.1",
+                        "--from", "s@sender.test", "--rcpt", "vault@example.com", "--tls")
+    assert code == 0
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Scans"))
+    assert lines[start:-1] == expected
+
+
+@pytest.mark.parametrize(
     ("client", "result", "decided_by", "reply"),
     [
         pytest.param("198.51.100.9", "reject", "block-filter",

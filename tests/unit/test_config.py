@@ -730,3 +730,22 @@ def test_scan_slots_settings(tmp_path, scan, expected) -> None:
     cfg.write_text(yaml.safe_dump({"scan": scan}))
     settings = load(str(cfg)).scan
     assert (settings.concurrency, settings.wait_timeout) == expected
+
+
+@pytest.mark.parametrize(("text", "mode"), [
+    pytest.param("", "always", id="default-as-ses"),
+    pytest.param("scan: {authentication: scan_enabled}\n", "scan_enabled", id="per-rule"),
+    pytest.param("scan: {authentication: never}\n", "never", id="never"),
+])
+def test_authentication_setting(tmp_path, text: str, mode: str) -> None:
+    assert load(_write(tmp_path, text)).scan.authentication == mode
+
+
+@pytest.mark.parametrize("value", [
+    pytest.param("off", id="yaml-false"), pytest.param("sometimes", id="unknown"),
+])
+def test_authentication_setting_refuses_other_values(tmp_path, value: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load(_write(tmp_path, f"scan: {{authentication: {value}}}\n"))
+    [problem] = err.value.problems
+    assert problem.path == "scan.authentication" and "is not one of" in problem.message

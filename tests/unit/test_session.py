@@ -10,6 +10,7 @@ import textwrap
 import pytest
 from prometheus_client import CollectorRegistry
 
+from harness.dns import DnsServer
 from mxrules import payload
 from mxrules.config import load
 from mxrules.decision import (
@@ -70,9 +71,26 @@ RAW = (b"From:Sender <sender@example.net>\r\nTo:info@example.com\r\n"
        b"Subject:Hello\r\n there\r\n\r\nFirst line\r\nsecond line\r\n")
 
 
+# SPF, DKIM and DMARC run on every handled message: their DNS is this local server's.
+ZONE = {"example.net": {"TXT": ["v=spf1 ip4:203.0.113.5 -all"]},
+        "_dmarc.example.net": {"TXT": ["v=DMARC1; p=reject"]}}
+_DNS = DnsServer(ZONE)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _dns_server():
+    _DNS.servfail.add("servfail.example")
+    _DNS.start()
+    yield
+    _DNS.stop()
+
+
 def _config(tmp_path, text: str = CONFIG, name: str = "mxrules.yaml"):
     path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
+    text = textwrap.dedent(text)
+    if "\nscan:" not in "\n" + text:
+        text += f"scan:\n  dns: {{nameservers: ['{_DNS.address}'], timeout: 2}}\n"
+    path.write_text(text)
     return load(str(path))
 
 
@@ -108,6 +126,18 @@ def _message(session: Session, recipients, headers=HEADERS, body=BODY,
     return session.eom(queue_id)
 
 
+# What SPF, DKIM and DMARC say of HEADERS from 203.0.113.5 with ZONE's records.
+AUTH_VERDICTS = {**DISABLED_VERDICTS, "spf": "PASS", "dkim": "GRAY", "dmarc": "PASS"}
+AUTH_HEADERS = (
+    ("Received-SPF", "pass (mx.example.com: domain of example.net designates 203.0.113.5 "
+                     "as permitted sender) client-ip=203.0.113.5; "
+                     'envelope-from="sender@example.net"; helo=mail.example.net;'),
+    ("Authentication-Results", "mx.example.com; spf=pass smtp.mailfrom=sender@example.net; "
+                               "dkim=none; dmarc=pass (p=reject sp=reject) "
+                               "header.from=example.net"),
+)
+
+
 def _listing(rt: Runtime) -> dict[str, list[str]]:
     out = {}
     for state in ("tmp", *STATES):
@@ -123,7 +153,9 @@ def test_full_transaction_spools_the_job(runtime, caplog) -> None:
 
     assert result.reply == CONTINUE
     assert is_message_id(result.message_id)
-    assert result.add_headers == (("X-Info", "info-rule"), ("X-Everyone", "yes"))
+    # No rule scans, yet SPF, DKIM and DMARC ran (SES authenticates every message):
+    # their headers first, then the AddHeaders.
+    assert result.add_headers == (*AUTH_HEADERS, ("X-Info", "info-rule"), ("X-Everyone", "yes"))
     assert (result.discard, result.delete_recipients) == (True, ())
     assert _listing(runtime)["incoming"] == [result.message_id]
     assert _listing(runtime)["tmp"] == []
@@ -140,11 +172,12 @@ def test_full_transaction_spools_the_job(runtime, caplog) -> None:
         ("everyone", ("info@example.com", "bob+news@example.com")),
     ]
     assert job.rules[0].rule == runtime.engine.rule_set.rules[0]
-    assert job.in_stream_headers == (("X-Info", "info-rule"), ("X-Everyone", "yes"))
+    assert job.in_stream_headers == result.add_headers
     assert job.client == Client(address="203.0.113.5", hostname="mail.example.net",
                                 helo="mail.example.net", tls_version="TLSv1.3",
                                 tls_cipher="TLS_AES_128_GCM_SHA256")
-    assert job.verdicts == DISABLED_VERDICTS
+    assert job.verdicts == AUTH_VERDICTS
+    assert job.auth_headers == AUTH_HEADERS
 
     with open(runtime.spool.message_path("incoming", job.message_id), "rb") as fh:
         stored = fh.read()
@@ -161,6 +194,8 @@ def test_full_transaction_spools_the_job(runtime, caplog) -> None:
     assert _metric(runtime, "mxrules_rule_matches_total", rule="everyone") == 1
     assert _metric(runtime, "mxrules_spool_commit_seconds_count") == 1
     assert _metric(runtime, "mxrules_spool_write_failures_total") == 0
+    assert _metric(runtime, "mxrules_verdicts_total", scanner="spf", status="PASS") == 1
+    assert _metric(runtime, "mxrules_verdicts_total", scanner="spam", status="DISABLED") == 0
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
     assert any("queue_id=4QxYz1Abc" in r.getMessage() and "result=spooled" in r.getMessage()
                for r in caplog.records)
@@ -379,7 +414,10 @@ def test_engine_snapshot_per_message(tmp_path, runtime) -> None:
     session.eoh()
     result = session.eom("Q1")
     assert result.reply == CONTINUE
-    assert result.add_headers == (("X-Info", "info-rule"), ("X-Everyone", "yes"))
+    (spf, _), (ar, ar_value), *added = result.add_headers
+    assert (spf, ar, added) == ("Received-SPF", "Authentication-Results",
+                                [("X-Info", "info-rule"), ("X-Everyone", "yes")])
+    assert ar_value.startswith("mx.example.com; ")  # the old config's name speaks for it
     assert result.discard is True  # the old config consumes
     job = runtime.spool.load("incoming", result.message_id)
     assert (job.rule_set, job.hostname) == ("default", "mx.example.com")
@@ -387,7 +425,9 @@ def test_engine_snapshot_per_message(tmp_path, runtime) -> None:
 
     # The next message is judged by the new config.
     later = _message(session, ["<info@example.com>"], headers=[("Subject", b"y")], body=[])
-    assert later.add_headers == (("X-New", "new"),)
+    assert [n for n, _ in later.add_headers] == ["Received-SPF", "Authentication-Results",
+                                                  "X-New"]
+    assert later.add_headers[1][1].startswith("mx2.example.com; ")
     assert later.discard is False
     job = runtime.spool.load("incoming", later.message_id)
     assert (job.rule_set, job.hostname) == ("replaced", "mx2.example.com")
@@ -463,6 +503,124 @@ def test_error_at_the_edge_tempfails_and_forgets(runtime) -> None:
     assert session.error("eoh", ValueError("bad")) == TEMPFAIL_INTERNAL
     assert _metric(runtime, "mxrules_milter_errors_total", stage="eoh") == 1
     assert _listing(runtime)["tmp"] == []
+
+
+# -- headers only this host may write, and authentication on every message ---------------
+
+OURS = "mx.example.com"
+
+
+@pytest.mark.parametrize(
+    ("incoming", "removed"),
+    [
+        pytest.param([("Authentication-Results", b" mx.example.com; spf=pass")],
+                     [("Authentication-Results", 1)], id="plain-id"),
+        pytest.param([("Authentication-Results", b" (x) mx.example.com; spf=pass")],
+                     [("Authentication-Results", 1)], id="comment-before-id"),
+        pytest.param([("Authentication-Results", b' "mx.example.com"; dkim=pass')],
+                     [("Authentication-Results", 1)], id="quoted-id"),
+        pytest.param([("authentication-results", b" (a (b)\n\t) MX.Example.COM. 1; none")],
+                     [("Authentication-Results", 1)], id="nested-folded-case-dot-version"),
+        pytest.param([("Authentication-Results", b" other.example; spf=pass"),
+                      ("Authentication-Results", b" (mx.example.com) other.example; spf=pass")],
+                     [], id="someone-else-kept"),
+        pytest.param([("Authentication-Results", b" mx.example.com; spf=pass"),
+                      ("Authentication-Results", b" other.example; spf=none"),
+                      ("Authentication-Results", b' "mx.example.com"; dkim=pass')],
+                     [("Authentication-Results", 3), ("Authentication-Results", 1)],
+                     id="two-forged-around-one-kept-highest-first"),
+        pytest.param([("X-SES-Spam-Verdict", b" PASS"), ("x-ses-virus-verdict", b" PASS"),
+                      ("X-SES-Spam-Verdict", b" PASS")],
+                     [("X-SES-Spam-Verdict", 2), ("X-SES-Spam-Verdict", 1),
+                      ("X-SES-Virus-Verdict", 1)], id="ses-verdicts-any-case"),
+        pytest.param([("X-SES-RECEIPT", b" AEFBQUFB"), ("Received-SPF", b" pass (forged)")],
+                     [], id="receipt-and-received-spf-kept"),
+    ],
+)
+def test_forged_verdict_headers_are_removed_from_both_copies(runtime, incoming, removed) -> None:
+    result = _message(_connect(runtime), ["<info@example.com>"], headers=[*incoming, *HEADERS])
+    assert result.reply == CONTINUE
+    assert list(result.remove_headers) == removed
+    with open(runtime.spool.message_path("incoming", result.message_id), "rb") as fh:
+        stored = fh.read()
+    gone = {(name.lower(), n) for name, n in removed}
+    seen: dict[str, int] = {}
+    for name, value in incoming:
+        seen[name.lower()] = seen.get(name.lower(), 0) + 1
+        line = name.encode() + b":" + value.replace(b"\n", b"\r\n") + b"\r\n"
+        assert (line in stored) != ((name.lower(), seen[name.lower()]) in gone), line
+    # Ours are added, above every incoming header (Postfix inserts them at the top).
+    assert [n for n, _ in result.add_headers[:2]] == ["Received-SPF", "Authentication-Results"]
+    assert result.add_headers[1][1].startswith(f"{OURS}; spf=pass ")
+
+
+MODES_CONFIG = """\
+hostname: mx.example.com
+domains: [example.com]
+rule_sets:
+  default:
+    - {{name: plain, enabled: true, recipients: [plain@example.com]}}
+    - {{name: scanned, enabled: true, scan_enabled: true, recipients: [scanned@example.com]}}
+scan:
+  authentication: {mode}
+  on_failure: {on_failure}
+  dns: {{nameservers: ['{dns}'], timeout: 2}}
+"""
+# No spam or virus scanner is configured: a scanning rule gets these.
+SPAM_VIRUS_FAILED = {"spam": "PROCESSING_FAILED", "virus": "PROCESSING_FAILED"}
+SES_ORDER = ["X-SES-Spam-Verdict", "X-SES-Virus-Verdict", "Received-SPF",
+             "Authentication-Results"]
+
+
+def _modes_runtime(tmp_path, mode: str, on_failure: str = "accept") -> Runtime:
+    text = MODES_CONFIG.format(mode=mode, on_failure=on_failure, dns=_DNS.address)
+    return Runtime(Engine(_config(tmp_path, text)), Spool(str(tmp_path / "spool")),
+                   MilterMetrics(CollectorRegistry()))
+
+
+@pytest.mark.parametrize(
+    ("mode", "rcpt", "verdicts", "headers"),
+    [
+        pytest.param("always", "plain", AUTH_VERDICTS, SES_ORDER[2:], id="always-unscanned"),
+        pytest.param("always", "scanned", {**AUTH_VERDICTS, **SPAM_VIRUS_FAILED}, SES_ORDER,
+                     id="always-scanned"),
+        pytest.param("scan_enabled", "plain", DISABLED_VERDICTS, [], id="per-rule-unscanned"),
+        pytest.param("scan_enabled", "scanned", {**AUTH_VERDICTS, **SPAM_VIRUS_FAILED},
+                     SES_ORDER, id="per-rule-scanned"),
+        pytest.param("never", "plain", DISABLED_VERDICTS, [], id="never-unscanned"),
+        pytest.param("never", "scanned", {**DISABLED_VERDICTS, **SPAM_VIRUS_FAILED},
+                     SES_ORDER[:2], id="never-scanned"),
+    ],
+)
+def test_authentication_modes(tmp_path, mode: str, rcpt: str, verdicts: dict[str, str],
+                              headers: list[str]) -> None:
+    rt = _modes_runtime(tmp_path, mode)
+    result = _message(_connect(rt), [f"<{rcpt}@example.com>"])
+    assert result.reply == CONTINUE
+    assert [n for n, _ in result.add_headers] == headers
+    job = rt.spool.load("incoming", result.message_id)
+    assert job.verdicts == verdicts
+    assert [n for n, _ in job.auth_headers] == [h for h in headers if "SES" not in h]
+
+
+@pytest.mark.parametrize(
+    ("rcpt", "code"),
+    [
+        pytest.param("plain", "250", id="authentication-alone-goes-on"),
+        pytest.param("scanned", "451", id="scanning-rule-tempfails"),
+    ],
+)
+def test_on_failure_tempfail_is_for_scanning_rules_only(tmp_path, rcpt: str, code: str) -> None:
+    rt = _modes_runtime(tmp_path, "always", on_failure="tempfail")
+    # SPF cannot be looked up: PROCESSING_FAILED, as the scanners that are not configured.
+    result = _message(_connect(rt), [f"<{rcpt}@example.com>"], sender="<s@servfail.example>")
+    assert (result.reply.code if result.reply != CONTINUE else "250") == code
+    if code == "250":
+        job = rt.spool.load("incoming", result.message_id)
+        assert job.verdicts["spf"] == "PROCESSING_FAILED"
+        assert "spf=temperror" in dict(job.auth_headers)["Authentication-Results"]
+    else:
+        assert rt.spool.ids("incoming") == []
 
 
 # -- trusted forwarders (docs/ses-compatibility.md): the original client is judged at EOM --
@@ -785,13 +943,18 @@ def _big(session: Session, recipients: list[str], size: int) -> EomResult:
 
 
 def test_end_of_data_refuses_what_every_rule_would_bounce(sns_runtime) -> None:
-    session = _connect(sns_runtime)
-    fits = SNS_LIMIT - _floor(session)
-    assert _big(session, ["<sns@example.com>"], fits).reply == CONTINUE
+    # At end of data the prefix is known whole: the floor, plus the Received-SPF and
+    # Authentication-Results of the check every message gets (same for these messages).
+    probe = _big(_connect(sns_runtime), ["<sns@example.com>"], 1000)
+    job = sns_runtime.spool.load("incoming", probe.message_id)
+    prefix = len(payload.stored_copy_prefix(job))
+    assert prefix > _floor(_connect(sns_runtime)) + 200  # the authentication headers count
+    fits = SNS_LIMIT - prefix
+    assert _big(_connect(sns_runtime), ["<sns@example.com>"], fits).reply == CONTINUE
     result = _big(_connect(sns_runtime), ["<sns@example.com>"], fits + 1)
     assert result == EomResult(TOO_BIG_FOR_ACTIONS)
     assert _metric(sns_runtime, "mxrules_rejections_total", stage="data", reason="too-big") == 1
-    assert _listing(sns_runtime)["tmp"] == [] and len(_listing(sns_runtime)["incoming"]) == 1
+    assert _listing(sns_runtime)["tmp"] == [] and len(_listing(sns_runtime)["incoming"]) == 2
     # Another recipient's rule takes it: spooled, the SNS action bounces it later.
     mixed = _big(_connect(sns_runtime), ["<sns@example.com>", "<call@example.com>"], fits + 1)
     assert mixed.reply == CONTINUE

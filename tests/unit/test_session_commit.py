@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import textwrap
+from collections.abc import Iterator
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from harness.dns import DnsServer
 from mxrules.config import load
 from mxrules.decision import CONTINUE, Engine
 from mxrules.metrics import MilterMetrics
@@ -35,10 +37,20 @@ rule_sets:
 """
 
 
+@pytest.fixture(scope="module")
+def dns() -> Iterator[DnsServer]:
+    # Every message is authenticated (SPF, DKIM, DMARC): its DNS is this local server.
+    server = DnsServer()
+    server.start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture
-def runtime(tmp_path) -> Runtime:
+def runtime(tmp_path, dns: DnsServer) -> Runtime:
     path = tmp_path / "mxrules.yaml"
-    path.write_text(textwrap.dedent(CONFIG))
+    dns_config = f"scan: {{dns: {{nameservers: ['{dns.address}']}}}}\n"
+    path.write_text(textwrap.dedent(CONFIG) + dns_config)
     return Runtime(Engine(load(str(path))), Spool(str(tmp_path / "spool")),
                    MilterMetrics(CollectorRegistry()))
 
@@ -133,8 +145,11 @@ def test_a_header_postfix_cannot_take_is_left_out_before_the_commit(
                         lambda plan: [("X-Good", "yes\tand tab"), (name, value)])
     result = _message(runtime, [("<a@example.com>", "<a@example.com>")])
     assert result.reply == CONTINUE
-    assert result.add_headers == (("X-Good", "yes\tand tab"),)
+    # SPF/DKIM/DMARC's own headers (every message is authenticated), then the good one.
+    assert [n for n, _ in result.add_headers] == ["Received-SPF", "Authentication-Results",
+                                                  "X-Good"]
+    assert result.add_headers[2] == ("X-Good", "yes\tand tab")
     job = runtime.spool.load("incoming", result.message_id)
-    assert job.in_stream_headers == (("X-Good", "yes\tand tab"),)
+    assert job.in_stream_headers == result.add_headers
     assert any(r.levelno == logging.ERROR and "header-left-out" in r.getMessage()
                for r in caplog.records)
