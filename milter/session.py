@@ -358,6 +358,8 @@ class Session:
         auth_headers: tuple[tuple[str, str], ...] = ()
         scan, authenticate = engine.scan_wanted(plan), engine.auth_wanted(plan)
         if scan or authenticate:
+            if not self._flushed(writer):
+                return EomResult(TEMPFAIL_SPOOL)
             outcome = self._scan(msg, writer, client, recipients, scan, authenticate)
             if outcome is None:  # every scan slot stayed busy for scan.wait_timeout
                 writer.abort()
@@ -501,12 +503,24 @@ class Session:
                           "bytes that are not UTF-8)")
         return out
 
+    def _flushed(self, writer: JobWriter) -> bool:
+        """Put what is buffered in the file the scanners read; False (counted, logged,
+        the file dropped) when the disk refuses it, as the commit would have."""
+        try:
+            writer.flush()
+        except OSError as exc:
+            writer.abort()
+            self.rt.metrics.messages.labels("tempfail").inc()
+            self.rt.metrics.spool_failures.inc()
+            self._log(logging.ERROR, "eom", result="tempfail", error=exc)
+            return False
+        return True
+
     def _scan(self, msg: _Message, writer: JobWriter, client: Client,
               recipients: tuple[str, ...], scan: bool,
               authenticate: bool) -> ScanOutcome | None:
         cfg = msg.engine.config
         started = time.monotonic()
-        writer.flush()
         outcome = self.rt.scanner.scan(
             cfg.scan, cfg.hostname, writer.message_path, client_ip=client.address,
             helo=client.helo, mail_from=msg.sender, recipients=recipients,

@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 import yaml
 
+from harness.dns import shared_server
 from harness.moto import MotoServer
 from harness.smtp import send
 from harness.stack import message
@@ -195,6 +196,9 @@ def test_one_message_end_to_end_over_the_unix_socket(
         "actions": [{"s3": {"bucket_name": bucket, "object_key_prefix": "in/"}}]}]}
     doc["metrics"] = {"milter_listen": "", "worker_listen": ""}
     doc["aws"] = {"region": "us-east-1", "endpoint_url": moto_server.endpoint_url}
+    # Every message is authenticated (SPF, DKIM, DMARC): against the local test DNS
+    # server, so the message never waits on the host's resolver.
+    doc.setdefault("scan", {})["dns"] = {"nameservers": [shared_server().address]}
     config = workdir / "mxrules.yaml"
     config.write_text(yaml.safe_dump(doc))
     env = {"PATH": "/usr/bin:/bin", **moto_server.aws_env()}
