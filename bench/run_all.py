@@ -96,6 +96,14 @@ def s_scan(out: str) -> list[tuple[str, str, str]]:
              f"{m.group(1)} / {m.group(2)}" if m else "?", "")]
 
 
+def s_auth(out: str) -> list[tuple[str, str, str]]:
+    rows = [(f"end of data added by auth, {c[0]}: p50 / p99 ms", f"{c[2]} / {c[3]}", "")
+            for c in _table_rows(out, "workload") if c[1] == "+"]
+    rows += [(f"{c[0]} sessions: msg/s auth off / on, on/off", f"{c[1]} / {c[2]}, {c[3]}", "")
+             for c in _table_rows(out, "sessions")]
+    return rows
+
+
 def s_worker(out: str) -> list[tuple[str, str, str]]:
     return [(f"worker/boto3 jobs/s at T={c[0]}", f"{c[2]} / {c[1]} = {c[3]}", "≥ 0.8")
             for c in _table_rows(out, "T |")]
@@ -123,6 +131,8 @@ BENCHES = [
     Bench("memory-scan", ["bench_memory.py", "--scan", "--size", "10", "--count", "10",
                           "--parallel", "10"], [], s_memory),
     Bench("scan", ["bench_scan.py", "--count", "500"], ["--count", "30"], s_scan),
+    Bench("auth", ["bench_auth.py"],
+          ["--count", "30", "--messages", "200", "--repeats", "1"], s_auth),
     Bench("worker", ["bench_worker.py"], ["--jobs", "200", "--repeats", "1"], s_worker),
     Bench("drain", ["bench_drain.py"], ["--quick"], s_drain),
 ]
