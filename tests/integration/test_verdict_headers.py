@@ -134,6 +134,7 @@ FORGED = ("Authentication-Results: (x) mx.test; spf=pass smtp.mailfrom=ATTACKER@
           "Authentication-Results: (a (nested) comment)\r\n MX.Test; dmarc=pass ATTACKER\r\n"
           "Authentication-Results: other.example; spf=none\r\n"
           "X-SES-Spam-Verdict: PASS ATTACKER\r\nx-ses-virus-verdict: PASS ATTACKER\r\n"
+          "X-SES-Spam-Verdict : PASS ATTACKER\r\n"
           "Received-SPF: pass (their.example: listed) client-ip=192.0.2.7;\r\n")
 
 
