@@ -795,7 +795,9 @@ _SIGNATURE_LINE = re.compile(rb"(?:\A|[\r\n])dkim-signature[\t ]*:", re.IGNORECA
 
 
 def _check_dkim(path: str, head: Head, dns_: _Dns, *, complete: bool) -> list[DkimResult]:
-    if complete and head.complete and not _SIGNATURE_LINE.search(head.block):
+    if head.complete and not _SIGNATURE_LINE.search(head.block):
+        # Unsigned, whatever its size: GRAY, as SES says of a message not DKIM-signed
+        # (a large unsigned message is common now that every message is checked).
         return []
     if not complete or not head.complete:
         # Over a size limit: the signatures in the headers read are reported, unverified.
@@ -959,7 +961,7 @@ def _check(message_path: str, *, client_ip: str, helo: str, mail_from: str, auth
             dkim_results = [DkimResult("neutral", reason=f"internal error: {exc}",
                                        checked=False)]
         dkim_status = dkim_verdict(dkim_results)
-        if not complete:
+        if not complete and dkim_results:
             dkim_status = Verdict("PROCESSING_FAILED", "over the size limit")
         try:
             dmarc_result = _check_dmarc(head, dns_, spf_result, dkim_results)

@@ -283,6 +283,7 @@ def test_unsigned_message_over_the_size_limit_is_gray(zone: DnsServer, tmp_path:
     result = run(zone, tmp_path, msg, max_size=len(msg) // 2)
     assert (result.spf.status, result.dkim, result.dmarc.status) == (
         "PASS", Verdict("GRAY", "no signature"), "PASS")
+    assert "; dkim=none; dmarc=pass " in result.authentication_results
 
 
 def test_key_lookup_servfail_is_processing_failed(zone: DnsServer, keys: tuple[Key, Key],
