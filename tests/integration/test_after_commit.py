@@ -69,6 +69,8 @@ def test_header_value_that_would_fail_after_commit_is_refused_at_reload(
 
     assert _send_like_a_client(stack, [b"<user@example.com>"]) == [250]
     [(_, job)] = stack.jobs()
-    assert job.in_stream_headers == (("X-All", "yes"),)  # the config in force stayed
+    # The config in force stayed (after SPF/DKIM/DMARC's headers: every message is checked).
+    assert [n for n, _ in job.auth_headers] == ["Received-SPF", "Authentication-Results"]
+    assert job.in_stream_headers == (*job.auth_headers, ("X-All", "yes"))
     assert outcome.group(0).startswith("reload rejected"), outcome.group(0)
     assert f"{path}:{line}" in stack.milter.log()[mark:]
