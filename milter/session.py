@@ -10,14 +10,9 @@ Header and body callbacks never fail the SMTP conversation themselves (Postfix
 is told not to wait for their replies): a spool error is remembered and
 answered at end of data with 451, before any 250.
 
-A connection from a trusted forwarder (one of the user's own relays; docs/ses-compatibility.md)
-is not judged by its own address: each message is judged at end of data by
-the original client named in the relay's own `Received:` header
-(mxrules/received.py).  Postfix (checked against 3.7) does not pass the
-`Received:` header it adds itself to the milter, so the first `Received:` the
-milter sees is the forwarder's.  A message whose original client cannot be
-named is never judged as the forwarder: it gets `forwarder_unresolved`'s
-answer (451 or 554).
+A connection from a trusted forwarder is not judged by its own address: each
+message is judged by the original client its `Received:` header names
+(mxrules/forwarded.py decides, as it does for `mxrules explain`).
 """
 
 from __future__ import annotations
@@ -28,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import astuple, dataclass, field
 
-from mxrules import authres
+from mxrules import authres, forwarded
 from mxrules.decision import (
     CONTINUE,
     TEMPFAIL_INTERNAL,
@@ -150,18 +145,12 @@ class Session:
             self._log(logging.INFO, "connect", client=address, result="accept",
                       reason="no-ip-address")
             return CONTINUE
-        if engine.is_trusted_forwarder(addr):
-            # One of the user's own relays: its address says nothing about who
-            # sent the mail, and filtering it would refuse all of the relay's
-            # mail.  Each message is judged by its original client at EOM.
+        decision = forwarded.connect(engine, addr)
+        if forwarded.is_forwarder(decision):
+            # Each of its messages is judged by its original client (_judge).
             self.forwarder = addr
-            self.client = Client(address=str(addr), hostname=hostname, forwarded_by=str(addr))
-            self.rt.metrics.connections.labels("accepted").inc()
-            self._log(logging.INFO, "connect", client=addr, result="accept",
-                      reason="trusted-forwarder")
-            return CONTINUE
-        self.client = Client(address=str(addr), hostname=hostname)
-        decision = engine.connect(addr)
+        self.client = Client(address=str(addr), hostname=hostname,
+                             forwarded_by=str(addr) if self.forwarder is not None else "")
         if decision.reply.verb == "reject":
             self.rt.metrics.connections.labels("rejected").inc()
             self.rt.metrics.rejections.labels("connect", decision.filters.reason).inc()
@@ -277,7 +266,7 @@ class Session:
             # Read whole and at once: each value is at most Postfix's
             # header_size_limit, and only the walk's answer is kept.
             if msg.received is None:
-                msg.received = OriginalClient(msg.engine.is_trusted_forwarder)
+                msg.received = forwarded.received_walk(msg.engine)
             msg.received.add(value)
         if msg is not None and _forged(msg, name, value):
             return
@@ -294,25 +283,19 @@ class Session:
         if msg.judged or self.forwarder is None:
             return
         msg.judged = True
-        walk = msg.received or OriginalClient(msg.engine.is_trusted_forwarder)
-        hop, msg.unresolved = walk.result()
-        if hop is None:
-            # Never judged as the forwarder (whose address the victim's SPF
-            # may well allow): refused at end of data, and nothing is stored.
-            if msg.writer is not None:
-                msg.writer.abort()
-                msg.writer = None
-            return
-        c = self.client
-        # TLS stays the forwarder's: it is the only hop whose TLS mxrules saw.
-        msg.client = Client(str(hop.address), hop.rdns, hop.helo, c.tls_version, c.tls_cipher,
-                            str(self.forwarder))
-        decision = msg.engine.connect(hop.address)
-        if decision.reply.verb == "reject":
-            msg.blocked = decision
-            if msg.writer is not None:
-                msg.writer.abort()
-                msg.writer = None
+        judgement = forwarded.judge(msg.engine, msg.received)
+        msg.unresolved, msg.blocked, hop = judgement.unresolved, judgement.blocked, judgement.hop
+        if hop is not None:
+            c = self.client
+            # TLS stays the forwarder's: it is the only hop whose TLS mxrules saw.
+            msg.client = Client(str(hop.address), hop.rdns, hop.helo, c.tls_version,
+                                c.tls_cipher, str(self.forwarder))
+        if (msg.unresolved or msg.blocked is not None) and msg.writer is not None:
+            # Refused at end of data, and nothing is stored (an unknown original
+            # client is never judged as the forwarder, whose address the victim's
+            # SPF may well allow).
+            msg.writer.abort()
+            msg.writer = None
 
     def body(self, chunk: bytes) -> None:
         self._write(chunk)

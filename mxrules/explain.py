@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .decision import CONTINUE, ConnectDecision, Engine, RcptDecision, RulePlan, in_stream_headers
-from .ipfilter import FilterDecision, parse_ip
+from . import forwarded
+from .decision import Engine, RcptDecision, RulePlan, in_stream_headers
+from .ipfilter import parse_ip
 from .payload import s3_key
 from .rules import (
     Action,
@@ -68,11 +69,10 @@ def explain(engine: Engine, tx: Transaction) -> dict[str, Any]:
         "client": {"ip": tx.client_ip, "helo": tx.helo, "tls": tx.tls},
     }
     addr = parse_ip(tx.client_ip)
-    trusted = engine.is_trusted_forwarder(addr)
-    # As the milter: a trusted forwarder itself is not filtered; the original
-    # client it names in its Received: header is, at end of data.
-    conn = engine.connect(addr) if not trusted else ConnectDecision(
-        str(addr), FilterDecision(True, "trusted-forwarder"), CONTINUE)
+    # A trusted forwarder itself is not filtered; the original client it names
+    # in its Received: header is, once the headers are in.
+    conn = forwarded.connect(engine, addr)
+    trusted = forwarded.is_forwarder(conn)
     out["connect"] = {
         "result": "accept" if conn.reply.verb == "continue" else "reject",
         "decided_by": conn.filters.reason,
