@@ -110,7 +110,7 @@ def _check_scan(data: dict[str, Any], problem: Any) -> None:
     Found here, a mistake is a config error at load; found at end of data, it
     would be a 451 or a PROCESSING_FAILED for every message.
     """
-    from .scan.spam import ScannerError, parse_address
+    from .scan.transport import ScannerError, parse_address
 
     scan = data.get("scan", {})
     for kind in ("spam", "virus"):

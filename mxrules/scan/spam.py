@@ -11,40 +11,28 @@ the scanner and the reason; nothing here raises for a scanner problem, and nothi
 here reports PASS without a scanner's answer.
 
 Addresses: ``"host:port"`` (TCP; ``"[::1]:783"`` for IPv6) or ``"unix:/path"``.
-
-The socket helpers at the end (`DeadlineSocket`, `ScannerError`, `open_message`) are
-shared with `mxrules.scan.virus`.
+The exchange itself (file, size limit, socket, deadline, errors) is
+`mxrules.scan.transport`'s, shared with `mxrules.scan.virus`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
-import time
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
 from mxrules.scan import Status, Verdict
+from mxrules.scan.transport import DeadlineSocket, excerpt, exchange, header_safe
 
 __all__ = [
     "RSPAMD_ACTIONS",
-    "DeadlineSocket",
-    "ScannerError",
-    "open_message",
     "rspamd_action_status",
     "scan_rspamd",
     "scan_spamd",
 ]
 
 SIZE_LIMIT_DETAIL = "message over the spam scanner's size limit"
-
-CHUNK_SIZE = 128 * 1024
-# Answers are small (a status line and a score, or rspamd's JSON of symbols); a bound
-# keeps a misbehaving server from filling the milter's memory.
-MAX_ANSWER = 4 * 1024 * 1024
 
 
 # -- spamd ---------------------------------------------------------------------------------
@@ -69,30 +57,27 @@ def scan_spamd(
     ``User`` header (whose preferences spamd applies, unless it runs with ``-x``).
     """
     label = f"spamd at {address}"
-    if user is not None and not _header_safe(user):
+    if user is not None and not header_safe(user):
         return Verdict("PROCESSING_FAILED", f"{label}: user {user!r} cannot be sent in a header")
-    deadline = time.monotonic() + timeout
-    try:
-        with open_message(path) as (message, size):
-            if size > max_size:
-                return Verdict("PROCESSING_FAILED", SIZE_LIMIT_DETAIL)
-            head = [b"CHECK SPAMC/1.5", b"Content-length: %d" % size]
-            if user is not None:
-                head.append(b"User: " + user.encode())
-            with DeadlineSocket(address, deadline, timeout) as conn:
-                conn.send(b"\r\n".join(head) + b"\r\n\r\n")
-                # spamd reads exactly Content-length bytes, then answers and closes; it
-                # also answers early (and closes) when it rejects the request.
-                sent = conn.send_file(message, size, stop_on_close=True)
-                if sent:
-                    # spamd reads the message line by line: a last line without a
-                    # newline only ends at EOF (spamc half-closes too).
-                    conn.shutdown_write()
-                answer = conn.receive()
-                if not answer and not sent:
-                    raise ScannerError("closed the connection while the message was sent")
-    except ScannerError as exc:
-        return Verdict("PROCESSING_FAILED", f"{label}: {exc}")
+
+    def talk(conn: DeadlineSocket, message: IO[bytes], size: int) -> tuple[bytes, bool]:
+        head = [b"CHECK SPAMC/1.5", b"Content-length: %d" % size]
+        if user is not None:
+            head.append(b"User: " + user.encode())
+        conn.send(b"\r\n".join(head) + b"\r\n\r\n")
+        # spamd reads exactly Content-length bytes, then answers and closes; it
+        # also answers early (and closes) when it rejects the request.
+        sent = conn.send_file(message, size, stop_on_close=True)
+        if sent:
+            # spamd reads the message line by line: a last line without a
+            # newline only ends at EOF (spamc half-closes too).
+            conn.shutdown_write()
+        return conn.receive(), sent
+
+    answer = exchange(label, address, path, talk, timeout=timeout, max_size=max_size,
+                      size_detail=SIZE_LIMIT_DETAIL)
+    if isinstance(answer, Verdict):
+        return answer
     return _spamd_verdict(label, answer)
 
 
@@ -103,7 +88,7 @@ def _spamd_verdict(label: str, answer: bytes) -> Verdict:
     lines = answer.split(b"\r\n")
     status = _SPAMD_STATUS.match(lines[0])
     if status is None:
-        return Verdict("PROCESSING_FAILED", f"{label}: unexpected answer {_excerpt(answer)}")
+        return Verdict("PROCESSING_FAILED", f"{label}: unexpected answer {excerpt(answer)}")
     if int(status["code"]) != 0:  # EX_OK; others are sysexits codes (EX_PROTOCOL, ...)
         message = status["message"].decode("utf-8", "replace")
         return Verdict("PROCESSING_FAILED", f"{label}: error {int(status['code'])} {message}")
@@ -115,7 +100,7 @@ def _spamd_verdict(label: str, answer: bytes) -> Verdict:
             score, threshold = spam["score"].decode(), spam["threshold"].decode()
             is_spam = spam["flag"].lower() in (b"true", b"yes")
             return Verdict("FAIL" if is_spam else "PASS", f"{score}/{threshold}", float(score))
-    return Verdict("PROCESSING_FAILED", f"{label}: no Spam header in {_excerpt(answer)}")
+    return Verdict("PROCESSING_FAILED", f"{label}: no Spam header in {excerpt(answer)}")
 
 
 # -- rspamd --------------------------------------------------------------------------------
@@ -191,31 +176,28 @@ def scan_rspamd(
     if queue_id is not None:
         fields.append(("Queue-Id", queue_id))
     for name, value in fields:
-        if not _header_safe(value):
+        if not header_safe(value):
             return Verdict("PROCESSING_FAILED", f"{label}: {name} {value!r} cannot be sent")
-    deadline = time.monotonic() + timeout
-    try:
-        with open_message(path) as (message, size):
-            if size > max_size:
-                return Verdict("PROCESSING_FAILED", SIZE_LIMIT_DETAIL)
-            with DeadlineSocket(address, deadline, timeout) as conn:
-                host = "localhost" if conn.is_unix else address
-                head = [
-                    "POST /checkv2 HTTP/1.1",
-                    f"Host: {host}",
-                    "Connection: close",
-                    f"Content-Length: {size}",
-                    *(f"{name}: {value}" for name, value in fields),
-                ]
-                conn.send(("\r\n".join(head) + "\r\n\r\n").encode())
-                # rspamd may answer early (413 for a message over its max_message) and
-                # close; its answer then says more than the broken pipe.
-                sent = conn.send_file(message, size, stop_on_close=True)
-                answer = conn.receive()
-                if not answer and not sent:
-                    raise ScannerError("closed the connection while the message was sent")
-    except ScannerError as exc:
-        return Verdict("PROCESSING_FAILED", f"{label}: {exc}")
+
+    def talk(conn: DeadlineSocket, message: IO[bytes], size: int) -> tuple[bytes, bool]:
+        host = "localhost" if conn.is_unix else address
+        head = [
+            "POST /checkv2 HTTP/1.1",
+            f"Host: {host}",
+            "Connection: close",
+            f"Content-Length: {size}",
+            *(f"{name}: {value}" for name, value in fields),
+        ]
+        conn.send(("\r\n".join(head) + "\r\n\r\n").encode())
+        # rspamd may answer early (413 for a message over its max_message) and
+        # close; its answer then says more than the broken pipe.
+        sent = conn.send_file(message, size, stop_on_close=True)
+        return conn.receive(), sent
+
+    answer = exchange(label, address, path, talk, timeout=timeout, max_size=max_size,
+                      size_detail=SIZE_LIMIT_DETAIL)
+    if isinstance(answer, Verdict):
+        return answer
     return _rspamd_verdict(label, answer)
 
 
@@ -225,13 +207,13 @@ def _rspamd_verdict(label: str, answer: bytes) -> Verdict:
         code, body = _http_response(answer)
         result: Any = json.loads(body) if body else None
     except (ValueError, UnicodeDecodeError) as exc:
-        return Verdict("PROCESSING_FAILED", f"{label}: bad HTTP answer ({exc}): {_excerpt(answer)}")
+        return Verdict("PROCESSING_FAILED", f"{label}: bad HTTP answer ({exc}): {excerpt(answer)}")
     if code != 200:
         error = result.get("error") if isinstance(result, dict) else None
-        reason = error if isinstance(error, str) else _excerpt(body)
+        reason = error if isinstance(error, str) else excerpt(body)
         return Verdict("PROCESSING_FAILED", f"{label}: HTTP {code}: {reason}")
     if not isinstance(result, dict) or not isinstance(result.get("action"), str):
-        return Verdict("PROCESSING_FAILED", f"{label}: no action in {_excerpt(body)}")
+        return Verdict("PROCESSING_FAILED", f"{label}: no action in {excerpt(body)}")
     action: str = result["action"]
     score = _number(result.get("score"))
     required = _number(result.get("required_score"))
@@ -290,196 +272,3 @@ def _number(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value)
-
-
-# -- shared with mxrules.scan.virus -------------------------------------------------------
-
-
-class ScannerError(Exception):
-    """A scanner could not be used (down, slow, closed early); becomes PROCESSING_FAILED.
-
-    The message is the reason, worded to follow "<scanner> at <address>: ".
-    """
-
-
-@contextmanager
-def open_message(path: str) -> Iterator[tuple[IO[bytes], int]]:
-    """The spooled message opened for reading, and its size in bytes."""
-    try:
-        message = open(path, "rb")  # noqa: SIM115 - closed below, errors become ScannerError
-    except OSError as exc:
-        raise ScannerError(f"cannot read the message: {exc}") from exc
-    with message:
-        yield message, os.fstat(message.fileno()).st_size
-
-
-class DeadlineSocket:
-    """A stream socket to a scanner whose every operation ends by one deadline.
-
-    ``address`` is ``"host:port"`` or ``"unix:/path"``; ``deadline`` is a
-    ``time.monotonic()`` value; ``timeout`` only words the error.  Every failure is a
-    ScannerError.  Names in ``host`` are resolved without the deadline (getaddrinfo
-    cannot be interrupted): give scanners by IP address or a name in /etc/hosts.
-    """
-
-    def __init__(self, address: str, deadline: float, timeout: float) -> None:
-        self.deadline = deadline
-        self.timeout = timeout
-        self.is_unix = address.startswith("unix:")
-        target = parse_address(address)
-        try:
-            if isinstance(target, str):
-                self.sock = self._connect(socket.AF_UNIX, 0, target)
-            else:
-                self.sock = self._connect_tcp(*target)
-        except OSError as exc:
-            raise self._error("connect", exc) from exc
-        except UnicodeError as exc:  # a host name that IDNA cannot encode
-            raise ScannerError(f"bad host name: {exc}") from exc
-
-    def _connect(self, family: int, proto: int, sockaddr: Any) -> socket.socket:
-        sock = socket.socket(family, socket.SOCK_STREAM, proto)
-        try:
-            sock.settimeout(self._remaining())
-            sock.connect(sockaddr)
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-
-    def _connect_tcp(self, host: str, port: int) -> socket.socket:
-        """Try each address of ``host`` in turn, all within the one deadline (unlike
-        socket.create_connection, which gives every address the whole timeout)."""
-        last: OSError | None = None
-        for family, _, proto, _, sockaddr in socket.getaddrinfo(
-            host, port, type=socket.SOCK_STREAM
-        ):
-            try:
-                return self._connect(family, proto, sockaddr)
-            except TimeoutError:
-                raise  # the deadline is spent: no time for the next address
-            except OSError as exc:
-                last = exc
-        raise last if last is not None else OSError(f"no address for {host}")
-
-    def __enter__(self) -> DeadlineSocket:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.sock.close()
-
-    def _remaining(self) -> float:
-        remaining = self.deadline - time.monotonic()
-        if remaining <= 0:
-            raise ScannerError(f"no answer within {self.timeout:g}s")
-        return remaining
-
-    def _error(self, doing: str, exc: OSError) -> ScannerError:
-        if isinstance(exc, TimeoutError):  # socket.timeout is TimeoutError since 3.10
-            return ScannerError(f"no answer within {self.timeout:g}s (while trying to {doing})")
-        if isinstance(exc, ConnectionRefusedError):
-            return ScannerError("connection refused (scanner down?)")
-        if isinstance(exc, FileNotFoundError) and self.is_unix:
-            return ScannerError("no socket there (scanner down?)")
-        reason = exc.strerror or str(exc) or type(exc).__name__
-        return ScannerError(f"cannot {doing}: {reason}")
-
-    def send(self, data: bytes) -> None:
-        """Send all of ``data`` before the deadline."""
-        self.sock.settimeout(self._remaining())
-        try:
-            self.sock.sendall(data)  # the timeout bounds the whole sendall (Python >= 3.5)
-        except OSError as exc:
-            raise self._error("send", exc) from exc
-
-    def send_file(
-        self,
-        message: IO[bytes],
-        size: int,
-        *,
-        frame: bool = False,
-        stop_on_close: bool = False,
-    ) -> bool:
-        """Send ``size`` bytes of ``message`` in chunks, never all of it in memory.
-
-        ``frame`` prefixes every chunk with its length as 4 bytes, big-endian (clamd's
-        INSTREAM).  With ``stop_on_close`` a peer that closes or resets the connection
-        stops the sending and False is returned, so that the caller can read the answer
-        the scanner sent before closing (clamd over StreamMaxLength, an HTTP 413).
-        """
-        left = size
-        while left > 0:
-            chunk = message.read(min(CHUNK_SIZE, left))
-            if not chunk:
-                raise ScannerError(f"the message file ended {left} bytes early")
-            left -= len(chunk)
-            data = len(chunk).to_bytes(4, "big") + chunk if frame else chunk
-            try:
-                self.send(data)
-            except ScannerError as exc:
-                cause = exc.__cause__
-                if stop_on_close and isinstance(cause, BrokenPipeError | ConnectionResetError):
-                    return False
-                raise
-        return True
-
-    def shutdown_write(self) -> None:
-        """Half-close: the peer reads EOF after what was sent, and can still answer."""
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError as exc:
-            raise self._error("end the message", exc) from exc
-
-    def receive(self, *, until: bytes | None = None) -> bytes:
-        """Read the answer until the peer closes (or, with ``until``, that byte arrives).
-
-        A peer that resets the connection after answering (it closed with our data
-        unread) still gives what it answered.
-        """
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            try:
-                self.sock.settimeout(self._remaining())
-                chunk = self.sock.recv(65536)
-            except (BrokenPipeError, ConnectionResetError) as exc:
-                if chunks:
-                    break
-                raise self._error("read the answer", exc) from exc
-            except OSError as exc:
-                raise self._error("read the answer", exc) from exc
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-            if until is not None and until in chunk:
-                break
-            if total > MAX_ANSWER:
-                raise ScannerError(f"answer longer than {MAX_ANSWER} bytes")
-        return b"".join(chunks)
-
-
-def parse_address(address: str) -> str | tuple[str, int]:
-    """``"unix:/path"`` → the path; ``"host:port"`` or ``"[v6]:port"`` → (host, port)."""
-    if address.startswith("unix:"):
-        path = address[len("unix:") :]
-        if not path:
-            raise ScannerError("no socket path in the address")
-        return path
-    host, colon, port = address.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ScannerError("address is neither host:port nor unix:/path")
-    return host, int(port)
-
-
-def _header_safe(value: str) -> bool:
-    """No control characters: a CR or LF would start a header (or the body) of its own."""
-    return not any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
-
-
-def _excerpt(data: bytes, limit: int = 200) -> str:
-    """The start of an answer, printable, for a ``detail``."""
-    text = data[:limit].decode("utf-8", "replace")
-    return repr(text + ("..." if len(data) > limit else ""))

@@ -14,10 +14,10 @@ Address: ``"host:port"`` (clamd's TCPSocket/TCPAddr) or ``"unix:/path"`` (LocalS
 
 from __future__ import annotations
 
-import time
+from typing import IO
 
 from mxrules.scan import Verdict
-from mxrules.scan.spam import DeadlineSocket, ScannerError, open_message
+from mxrules.scan.transport import DeadlineSocket, exchange
 
 __all__ = ["scan_clamd"]
 
@@ -39,26 +39,24 @@ def scan_clamd(address: str, path: str, *, timeout: float, max_size: int) -> Ver
     _LIMITS_EXCEEDED), or clamd down or slow.
     """
     label = f"clamd at {address}"
-    deadline = time.monotonic() + timeout
-    try:
-        with open_message(path) as (message, size):
-            if size > max_size:
-                return Verdict("PROCESSING_FAILED", SIZE_LIMIT_DETAIL)
-            with DeadlineSocket(address, deadline, timeout) as conn:
-                # The "z" form: NUL-terminated command and answer, so no ambiguity with
-                # newlines in a reply.
-                conn.send(b"zINSTREAM\0")
-                # Past StreamMaxLength clamd answers at once and closes, while we may
-                # still be sending: stop then and read that answer.
-                sent = conn.send_file(message, size, frame=True, stop_on_close=True)
-                if sent:
-                    conn.send(b"\0\0\0\0")  # a zero-length chunk ends the stream
-                answer = conn.receive(until=b"\0")
-                if not answer and not sent:
-                    raise ScannerError("closed the connection while the message was sent")
-    except ScannerError as exc:
-        return Verdict("PROCESSING_FAILED", f"{label}: {exc}")
+    answer = exchange(label, address, path, _instream, timeout=timeout, max_size=max_size,
+                      size_detail=SIZE_LIMIT_DETAIL)
+    if isinstance(answer, Verdict):
+        return answer
     return _clamd_verdict(label, answer)
+
+
+def _instream(conn: DeadlineSocket, message: IO[bytes], size: int) -> tuple[bytes, bool]:
+    """clamd's side of the exchange: the message streamed in length-prefixed chunks."""
+    # The "z" form: NUL-terminated command and answer, so no ambiguity with newlines
+    # in a reply.
+    conn.send(b"zINSTREAM\0")
+    # Past StreamMaxLength clamd answers at once and closes, while we may still be
+    # sending: stop then and read that answer.
+    sent = conn.send_file(message, size, frame=True, stop_on_close=True)
+    if sent:
+        conn.send(b"\0\0\0\0")  # a zero-length chunk ends the stream
+    return conn.receive(until=b"\0"), sent
 
 
 def _clamd_verdict(label: str, answer: bytes) -> Verdict:
