@@ -38,6 +38,7 @@ from prometheus_client import CollectorRegistry
 from harness.dns import DnsServer
 from mxrules import authres, payload, ses
 from mxrules.actions import bounce
+from mxrules.actions import dsn as dsn_module
 from mxrules.actions.base import PermanentActionError
 from mxrules.actions.lambda_invoke import disposition_of
 from mxrules.actions.runner import complete
@@ -324,7 +325,7 @@ def check_message(raw: bytes) -> None:
         else:
             _json_roundtrip(payload.notification(job, matched, action, headers=headers,
                                                  truncated=capped, processing_ms=1))
-    dsn = bounce.build_dsn(job, BounceAction(smtp_reply_code="550", status_code="5.1.1",
+    dsn = dsn_module.build_dsn(job, BounceAction(smtp_reply_code="550", status_code="5.1.1",
                                              message="gone", sender="mailer@example.com"),
                            job.recipients, bounce.read_header_block(path))
     _check_dsn(dsn, job, ascii_only=True)
@@ -333,7 +334,7 @@ def check_message(raw: bytes) -> None:
 def _check_dsn(dsn: bytes, job: Job, *, ascii_only: bool) -> None:
     head, sep, _body = dsn.partition(b"\r\n\r\n")
     assert sep
-    assert len(dsn) <= bounce.MAX_DSN
+    assert len(dsn) <= dsn_module.MAX_DSN
     _no_injection(head + b"\r\n", ["From", "To", "Subject", "Date", "Message-ID",
                                    "Auto-Submitted", "MIME-Version", "Content-Type"])
     for line in dsn.split(b"\r\n"):
@@ -369,7 +370,7 @@ def check_dsn(d: dict[str, Any]) -> None:
         bounce.check_envelope_address(d["mail_from"])
     except (ValueError, PermanentActionError):
         target_by_name["dsn"].note("envelope refused")
-    dsn = bounce.build_dsn(job, action, d["recipients"], d["headers"])
+    dsn = dsn_module.build_dsn(job, action, d["recipients"], d["headers"])
     _check_dsn(dsn, job, ascii_only=False)
     head = dsn.partition(b"\r\n\r\n")[0].split(b"\r\n")
     body = dsn.partition(b"\r\n\r\n")[2]
@@ -391,10 +392,10 @@ def check_address(text: str) -> None:
     decision = ADDRESS_ENGINE.rcpt(text, tls=False)
     assert decision.outcome in ("unmanaged", "accepted", "no-rule", "tls-required")
     assert "\n" not in str(decision.reply) or "\n" in text
-    header = bounce._header_address(text)
+    header = dsn_module._header_address(text)
     if header is not None:
-        assert not bounce._CONTROL.search(header) and "@" in header
-    report = bounce._report_address(text)
+        assert not dsn_module.CONTROL.search(header) and "@" in header
+    report = dsn_module._report_address(text)
     assert report.isascii() and "\r" not in report and "\n" not in report
     for item in payload.split_addresses(text):
         assert item

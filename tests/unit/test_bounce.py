@@ -36,11 +36,7 @@ from harness.sink import SmtpSink
 from mxrules.actions.base import ActionContext, Outcome, PermanentActionError
 from mxrules.actions.bounce import (
     HEADER_LIMIT,
-    HEADERS_BUDGET,
-    MAX_DSN,
     RelayError,
-    _cut_headers,
-    build_dsn,
     parse_relay,
     read_header_block,
     run,
@@ -48,6 +44,7 @@ from mxrules.actions.bounce import (
     too_big,
 )
 from mxrules.actions.bounce_limit import BounceLimiter
+from mxrules.actions.dsn import HEADERS_BUDGET, MAX_DSN, _cut_headers, build_dsn
 from mxrules.config import WorkerSettings
 from mxrules.rules import Action, BounceAction, Rule, S3Action, SNSAction
 from mxrules.spool import Client, Job, MatchedRule
