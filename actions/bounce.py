@@ -53,6 +53,7 @@ import smtplib
 from typing import Any, NoReturn
 
 from mxrules.errors import MxrulesError
+from mxrules.hostport import split_host_port
 from mxrules.rules import BounceAction
 
 from .base import ActionContext, Outcome, PermanentActionError
@@ -101,15 +102,10 @@ def read_header_block(path: str, limit: int = HEADER_LIMIT) -> bytes:
 
 def parse_relay(relay: str) -> tuple[str, int]:
     """`host:port`, `[v6]:port`, `host` or `[v6]` -> (host, port); port 25 by default."""
-    text = relay.strip()
-    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([^:\[\]\s]+)(?::(\d+))?", text)
-    if not match:
-        raise ValueError(f"bounce relay {relay!r} is not host:port")
-    host = match.group(1) or match.group(3)
-    port = int(match.group(2) or match.group(4) or 25)
-    if not 0 < port < 65536:
-        raise ValueError(f"bounce relay {relay!r}: port out of range")
-    return host, port
+    try:
+        return split_host_port(relay, default_port=25)
+    except ValueError as exc:
+        raise ValueError(f"bounce relay {relay!r} is not host:port: {exc}") from None
 
 
 def check_envelope_address(addr: str) -> None:

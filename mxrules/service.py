@@ -19,6 +19,8 @@ import sys
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from .hostport import split_host_port
+
 
 def setup_logging(level: str) -> None:
     logging.basicConfig(
@@ -45,8 +47,8 @@ def kv(**fields: object) -> str:
 def serve_metrics(listen: str, registry: CollectorRegistry) -> None:
     if not listen:
         return
-    host, _, port = listen.rpartition(":")
-    start_http_server(int(port), addr=host.strip("[]") or "127.0.0.1", registry=registry)
+    host, port = split_host_port(listen, default_host="127.0.0.1")
+    start_http_server(port, addr=host, registry=registry)
 
 
 def notify_ready() -> None:

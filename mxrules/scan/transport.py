@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import IO, Any
 
+from mxrules.hostport import split_host_port
 from mxrules.scan import Verdict
 
 __all__ = [
@@ -239,12 +240,10 @@ def parse_address(address: str) -> str | tuple[str, int]:
         if not path:
             raise ScannerError("no socket path in the address")
         return path
-    host, colon, port = address.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ScannerError("address is neither host:port nor unix:/path")
-    return host, int(port)
+    try:
+        return split_host_port(address)
+    except ValueError as exc:
+        raise ScannerError(f"address is neither host:port nor unix:/path ({exc})") from None
 
 
 def header_safe(value: str) -> bool:
