@@ -55,10 +55,11 @@ from typing import Any, NoReturn
 from mxrules.errors import MxrulesError
 from mxrules.hostport import split_host_port
 from mxrules.rules import BounceAction
+from mxrules.text import CONTROLS, one_line
 
 from .base import ActionContext, Outcome, PermanentActionError
 from .bounce_limit import authenticated_by
-from .dsn import CONTROL, MAX_ADDRESS, build_dsn, hostname, status_for
+from .dsn import MAX_ADDRESS, build_dsn, hostname, status_for
 
 # Postfix's header_size_limit is 102400: a header block bigger than that was
 # already cut by Postfix, so more would only make the DSN heavier.
@@ -117,7 +118,7 @@ def check_envelope_address(addr: str) -> None:
     """
     if not addr:
         raise ValueError("a DSN is never sent to the null sender <>")
-    if CONTROL.search(addr) or len(addr.encode("utf-8")) > MAX_ADDRESS:
+    if CONTROLS.search(addr) or len(addr.encode("utf-8")) > MAX_ADDRESS:
         raise PermanentActionError(
             f"cannot bounce to {addr!r}: not an address an SMTP command can carry")
 
@@ -189,7 +190,7 @@ def _fail(relay: str, step: str, code: int, reply: bytes | str) -> NoReturn:
 def _reply_text(reply: bytes | str) -> str:
     if isinstance(reply, bytes):
         reply = reply.decode("utf-8", "replace")
-    return " ".join(CONTROL.sub(" ", reply).split())
+    return one_line(reply)
 
 
 # -- the action ----------------------------------------------------------------------

@@ -26,6 +26,7 @@ from secrets import token_hex
 
 from mxrules.rules import BounceAction
 from mxrules.spool import Job
+from mxrules.text import CONTROLS, controls_marked, one_line
 
 # A DSN is never larger than this.  The recipients listed (in the human part
 # and the report) and the attached headers each have a budget; the rest (the
@@ -47,8 +48,6 @@ _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff"
 _DOT_ATOM = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*")
 _QUOTED_STRING = re.compile(r'"(?:[^"\\\x00-\x1f\x7f]|\\[^\x00-\x1f\x7f])*"')
 _DOMAIN_LITERAL = re.compile(r"\[[!-Z^-~]*\]")
-# C0, DEL, C1 and lone surrogates (what surrogateescape makes of undecodable bytes).
-CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 _STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
 _REPLY = re.compile(r"[45][0-9][0-9]")
 _HOST_JUNK = re.compile(r"[^A-Za-z0-9.\-_]")
@@ -108,7 +107,7 @@ def _assemble(job: Job, action: BounceAction, rcpts: list[str], listed: int, hea
     shown = rcpts[:listed]
     human_cte, human = _encode_text(_human_text(
         host, shown, len(rcpts) - len(shown), reply, status, message, headers_cut))
-    report = _delivery_status(job, host, shown, reply, status, _one_line(message))
+    report = _delivery_status(job, host, shown, reply, status, _report_text(message))
     attached_cte, attached = _encode_text(headers)
     charset = "us-ascii" if human_cte == "7bit" else "utf-8"
     parts = [
@@ -164,10 +163,10 @@ def _fitting_recipients(job: Job, action: BounceAction, rcpts: list[str]) -> int
     """
     status = status_for(action)
     reply = _reply_code(action, status)
-    diagnostic = _one_line((action.message or "")[:MESSAGE_LIMIT])
+    diagnostic = _report_text((action.message or "")[:MESSAGE_LIMIT])
     used = 0
     for n, rcpt in enumerate(rcpts):
-        line = len(_qp_line(f"    {_printable(rcpt)}".encode()))
+        line = len(_qp_line(f"    {controls_marked(rcpt)}".encode()))
         block = len(_recipient_block(rcpt, reply, status, diagnostic)) + 4
         used += line + block
         if n and used > RECIPIENTS_BUDGET:
@@ -208,12 +207,12 @@ def status_for(action: BounceAction) -> str:
 
 def _human_text(host: str, rcpts: list[str], omitted: int, reply: str, status: str,
                 message: str, headers_cut: bool) -> bytes:
-    text = _printable(" ".join(message.split()))
+    text = controls_marked(" ".join(message.split()))
     lines = [textwrap.fill(text, 72, break_long_words=False, break_on_hyphens=False), ""]
     which = "recipient" if len(rcpts) + omitted == 1 else "recipients"
     lines.append(f"Your message could not be delivered to the following {which}:")
     lines.append("")
-    lines.extend(f"    {_printable(r)}" for r in rcpts)
+    lines.extend(f"    {controls_marked(r)}" for r in rcpts)
     if omitted:
         lines.append(f"    ... and {omitted} more: the list was cut to keep this report small")
     lines.append("")
@@ -271,7 +270,7 @@ def _header_address(addr: str) -> str | None:
     missing domain or a domain that is not a dot-atom or literal: None, and
     the caller writes something safe instead.
     """
-    if not addr or CONTROL.search(addr) or len(addr.encode("utf-8")) > MAX_ADDRESS:
+    if not addr or CONTROLS.search(addr) or len(addr.encode("utf-8")) > MAX_ADDRESS:
         return None
     local, at, domain = addr.rpartition("@")
     if not at or not local:
@@ -301,15 +300,10 @@ def _report_address(addr: str) -> str:
     return f"utf-8; {escaped}"
 
 
-def _one_line(text: str) -> str:
-    """Text for a report field: one line, ASCII, non-ASCII as `\\x{HEX}` escapes."""
-    text = " ".join(CONTROL.sub(" ", text).split())
-    return "".join(ch if ch.isascii() else f"\\x{{{ord(ch):02X}}}" for ch in text)
-
-
-def _printable(text: str) -> str:
-    """Text for the human part: control characters shown as `?`, UTF-8 kept."""
-    return CONTROL.sub("?", text)
+def _report_text(text: str) -> str:
+    """Text for a report field: one line, ASCII, non-ASCII as `\\x{HEX}` escapes (RFC 6533's
+    form, as the addresses in the report have it): the delivery-status part is 7-bit."""
+    return "".join(ch if ch.isascii() else f"\\x{{{ord(ch):02X}}}" for ch in one_line(text))
 
 
 def hostname(name: str) -> str:

@@ -101,6 +101,7 @@ from .rules import (
     StopAction,
 )
 from .spool import Client, Job, MatchedRule, ses_timestamp
+from .text import without_line_breaks
 
 if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
@@ -212,8 +213,8 @@ def ses_prepended_headers(job: Job) -> list[Header]:
 
 def _ses_fields(job: Job) -> list[tuple[str, str, str]]:
     """(name, unfolded value, value as written in the stored copy)."""
-    received = [_one_line(part) for part in _received_parts(job)]
-    path = _one_line(f"<{job.mail_from}>")
+    received = [without_line_breaks(part) for part in _received_parts(job)]
+    path = without_line_breaks(f"<{job.mail_from}>")
     fields = [
         ("Return-Path", path, path),
         ("Received", " ".join(received), "\r\n ".join(received)),
@@ -224,7 +225,8 @@ def _ses_fields(job: Job) -> list[tuple[str, str, str]]:
             fields.append((name, status, status))
     # The scanners' Received-SPF and Authentication-Results travel with the job.
     extra = job.auth_headers
-    fields.extend((name, _one_line(value), _one_line(value)) for name, value in extra)
+    fields.extend((name, without_line_breaks(value), without_line_breaks(value))
+                  for name, value in extra)
     return fields
 
 
@@ -256,7 +258,7 @@ def _rfc5322_date(ses_time: str) -> str:
 def stored_copy_prefix(job: Job, added_headers: Iterable[Header] = ()) -> bytes:
     """The bytes before the raw message in every stored copy (S3 object, SNS content)."""
     fields = [(name, wire) for name, _value, wire in _ses_fields(job)]
-    fields.extend((name, _one_line(value)) for name, value in added_headers)
+    fields.extend((name, without_line_breaks(value)) for name, value in added_headers)
     return "".join(f"{name}: {value}\r\n" for name, value in fields).encode("utf-8")
 
 
@@ -275,17 +277,12 @@ def prefix_floor(mail_from: str, client: Client, hostname: str, first_recipient:
     return len(stored_copy_prefix(job))
 
 
-def _one_line(value: str) -> str:
-    """Values come from config and SMTP: a stray CR or LF must never start a new header."""
-    return value.replace("\r", " ").replace("\n", " ")
-
-
 def stored_copy_headers(job: Job, message_path: str, added_headers: Iterable[Header] = (), *,
                         limit: int = HEADER_BLOCK_LIMIT) -> tuple[list[Header], bool]:
     """The stored copy's headers for `mail_object`, and whether reading them was capped."""
     block, capped = _read_header_block(message_path, limit)
     headers = ses_prepended_headers(job)
-    headers.extend((name, _one_line(value)) for name, value in added_headers)
+    headers.extend((name, without_line_breaks(value)) for name, value in added_headers)
     headers.extend(parse_headers(block))
     return headers, capped
 

@@ -23,7 +23,8 @@ from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
 from mxrules.scan import Status, Verdict
-from mxrules.scan.transport import DeadlineSocket, excerpt, exchange, header_safe
+from mxrules.scan.transport import DeadlineSocket, excerpt, exchange
+from mxrules.text import has_controls
 
 __all__ = [
     "RSPAMD_ACTIONS",
@@ -57,7 +58,7 @@ def scan_spamd(
     ``User`` header (whose preferences spamd applies, unless it runs with ``-x``).
     """
     label = f"spamd at {address}"
-    if user is not None and not header_safe(user):
+    if user is not None and has_controls(user):
         return Verdict("PROCESSING_FAILED", f"{label}: user {user!r} cannot be sent in a header")
 
     def talk(conn: DeadlineSocket, message: IO[bytes], size: int) -> tuple[bytes, bool]:
@@ -176,7 +177,7 @@ def scan_rspamd(
     if queue_id is not None:
         fields.append(("Queue-Id", queue_id))
     for name, value in fields:
-        if not header_safe(value):
+        if has_controls(value):
             return Verdict("PROCESSING_FAILED", f"{label}: {name} {value!r} cannot be sent")
 
     def talk(conn: DeadlineSocket, message: IO[bytes], size: int) -> tuple[bytes, bool]:

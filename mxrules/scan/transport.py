@@ -29,7 +29,6 @@ __all__ = [
     "Talk",
     "excerpt",
     "exchange",
-    "header_safe",
     "open_message",
     "parse_address",
 ]
@@ -244,11 +243,6 @@ def parse_address(address: str) -> str | tuple[str, int]:
         return split_host_port(address)
     except ValueError as exc:
         raise ScannerError(f"address is neither host:port nor unix:/path ({exc})") from None
-
-
-def header_safe(value: str) -> bool:
-    """No control characters: a CR or LF would start a header (or the body) of its own."""
-    return not any(ord(c) < 0x20 or ord(c) == 0x7F for c in value)
 
 
 def excerpt(data: bytes, limit: int = 200) -> str:
