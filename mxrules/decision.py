@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from .ipfilter import FilterDecision, IPAddress, IpFilterTable, parse_cidr
-from .matching import ManagedDomains, RecipientIndex, split_address
+from .matching import ManagedDomains, RecipientIndex, bare, split_address
 from .rules import AddHeaderAction, BounceAction, LambdaAction, Rule, RuleSet, StopAction
 
 if TYPE_CHECKING:
@@ -316,10 +316,3 @@ def bounce_size(rule: Rule) -> int | None:
 
 def _waits_for_disposition(action: object) -> bool:
     return isinstance(action, LambdaAction) and action.invocation_type == "RequestResponse"
-
-
-def bare(address: str) -> str:
-    address = address.strip()
-    if address.startswith("<") and address.endswith(">"):
-        return address[1:-1]
-    return address

@@ -14,6 +14,7 @@ from typing import Any
 from . import forwarded
 from .decision import Engine, RcptDecision, RulePlan, in_stream_headers
 from .ipfilter import parse_ip
+from .matching import bare
 from .payload import s3_key
 from .rules import (
     Action,
@@ -167,7 +168,7 @@ def render(result: dict[str, Any]) -> str:
         return "\n".join(lines)
     lines.append("  accept")
     for r in result["recipients"]:
-        lines.append(f"RCPT TO:<{r['recipient'].strip('<>')}>")
+        lines.append(f"RCPT TO:<{bare(r['recipient'])}>")
         if r["outcome"] == "unmanaged":
             lines.append("  not a managed domain: left to Postfix, untouched")
         elif r["outcome"] == "accepted":

@@ -14,15 +14,26 @@ from collections.abc import Iterable, Sequence
 from .rules import Rule
 
 
+def bare(address: str) -> str:
+    """An envelope address without the spaces around it and its one pair of `<>`.
+
+    The one rule wherever mxrules compares, logs or stores an address (the milter's
+    MAIL and RCPT, matching, SMTP replies, the stored `returnPath`).  The milter's
+    recipient deletion is the exception, on purpose: it must give Postfix back the
+    very text smtpd parsed (`milter.session`, spaces included).
+    """
+    address = address.strip()
+    if address.startswith("<") and address.endswith(">"):
+        return address[1:-1]
+    return address
+
+
 def split_address(address: str) -> tuple[str, str] | None:
     """`<User@Example.COM>` -> ("User", "example.com"); None if there is no domain.
 
     The last `@` separates the domain, since a quoted local part may hold one.
     """
-    address = address.strip()
-    if address.startswith("<") and address.endswith(">"):
-        address = address[1:-1]
-    local, sep, domain = address.rpartition("@")
+    local, sep, domain = bare(address).rpartition("@")
     if not sep or not local or not domain:
         return None
     return local, domain.rstrip(".").lower()

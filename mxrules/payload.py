@@ -91,6 +91,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from .ids import new_message_id
+from .matching import bare
 from .rules import (
     Action,
     AddHeaderAction,
@@ -488,7 +489,7 @@ def common_headers(headers: Sequence[Header]) -> dict[str, Any]:
     for name, value in headers:
         key = name.lower()
         if key == "return-path":
-            found.setdefault("returnPath", _unbracket(value))
+            found.setdefault("returnPath", bare(value))
         elif key in _LIST_HEADERS:
             items = [render_address(item) for item in split_addresses(value)]
             if items:
@@ -529,11 +530,6 @@ def _phrase(name: str) -> str:
     if all(ch.isalnum() or ch in _ATEXT for ch in name):
         return name
     return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _unbracket(value: str) -> str:
-    value = value.strip()
-    return value[1:-1] if value.startswith("<") and value.endswith(">") else value
 
 
 def split_addresses(value: str) -> list[str]:

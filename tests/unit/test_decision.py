@@ -15,7 +15,6 @@ from mxrules.decision import (
     RcptDecision,
     Reply,
     RulePlan,
-    bare,
     bounce_reply,
     bounce_size,
     in_stream_headers,
@@ -367,17 +366,6 @@ def test_in_stream_headers_from_a_config(tmp_path) -> None:
     assert in_stream_headers(plan) == [("X-First", "yes"), ("X-After-Event", "ok")]
 
 
-@pytest.mark.parametrize(
-    ("address", "expected"),
-    [
-        pytest.param("<a@b.c>", "a@b.c", id="brackets"),
-        pytest.param(" a@b.c ", "a@b.c", id="spaces"),
-        pytest.param("<>", "", id="null"),
-        pytest.param("a@b.c", "a@b.c", id="plain"),
-    ],
-)
-def test_bare(address: str, expected: str) -> None:
-    assert bare(address) == expected
 
 
 def test_rcpt_decision_handled_only_when_accepted() -> None:

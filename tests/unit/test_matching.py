@@ -8,7 +8,7 @@ import pytest
 
 from mxrules.config import load
 from mxrules.decision import Engine
-from mxrules.matching import ManagedDomains, RecipientIndex, parent_domains, split_address
+from mxrules.matching import ManagedDomains, RecipientIndex, bare, parent_domains, split_address
 from mxrules.rules import Rule
 
 
@@ -238,3 +238,24 @@ def test_domains_default_to_those_the_rules_name(tmp_path) -> None:
     assert engine.rcpt("b@example.com", tls=False).outcome == "no-rule"
     assert engine.rcpt("b@x.example.org", tls=False).outcome == "accepted"
     assert engine.rcpt("b@example.org", tls=False).outcome == "unmanaged"
+
+
+# One `<>` rule for every caller: the milter's MAIL and RCPT, SMTP reply texts, the
+# stored copy's returnPath, `explain`'s RCPT line and split_address all go through bare.
+@pytest.mark.parametrize(
+    ("address", "expected"),
+    [
+        pytest.param("<a@b.c>", "a@b.c", id="brackets"),
+        pytest.param(" a@b.c ", "a@b.c", id="spaces"),
+        pytest.param(" <a@b.c> ", "a@b.c", id="spaces-around-brackets"),
+        pytest.param("< a@b.c >", " a@b.c ", id="spaces-inside-kept"),
+        pytest.param("<>", "", id="null"),
+        pytest.param("a@b.c", "a@b.c", id="plain"),
+        pytest.param("<a@b.c", "<a@b.c", id="open-only"),
+        pytest.param("a@b.c>", "a@b.c>", id="close-only"),
+        # explain used str.strip("<>"), which took every bracket off both ends.
+        pytest.param("<<a@b.c>>", "<a@b.c>", id="one-pair-only"),
+    ],
+)
+def test_bare(address: str, expected: str) -> None:
+    assert bare(address) == expected
