@@ -48,11 +48,11 @@ envelope sender with a control character never reaches an SMTP command.
 from __future__ import annotations
 
 import contextlib
-import re
 import smtplib
 from typing import Any, NoReturn
 
 from mxrules.errors import MxrulesError
+from mxrules.headblock import whole_header_lines
 from mxrules.hostport import split_host_port
 from mxrules.rules import BounceAction
 from mxrules.text import CONTROLS, one_line
@@ -64,38 +64,10 @@ from .dsn import MAX_ADDRESS, build_dsn, hostname, status_for
 # Postfix's header_size_limit is 102400: a header block bigger than that was
 # already cut by Postfix, so more would only make the DSN heavier.
 HEADER_LIMIT = 100 * 1024
-_READ_CHUNK = 8192
-_HEADER_END = re.compile(rb"(?:\A|\n)(\r?\n)")
 
 
 class RelayError(MxrulesError):
     """A transient failure to hand the DSN to the relay; the runner retries it."""
-
-
-# -- reading the original headers ----------------------------------------------------
-
-
-def read_header_block(path: str, limit: int = HEADER_LIMIT) -> bytes:
-    """The header block of the message at `path`: up to (not including) the empty line.
-
-    Reads in small unbuffered chunks and stops at the empty line, so a 40 MB
-    body is never read for a few KB of headers.  A block larger than `limit`
-    is cut at the last whole line within it.
-    """
-    buf = bytearray()
-    with open(path, "rb", buffering=0) as fh:
-        while len(buf) < limit + 2:  # +2: an empty line right at the limit still counts
-            chunk = fh.read(_READ_CHUNK)
-            if not chunk:
-                break
-            buf += chunk
-            found = _HEADER_END.search(buf)
-            if found and found.start(1) <= limit:
-                return bytes(buf[:found.start(1)])
-    head = bytes(buf[:limit])
-    if len(buf) > limit and b"\n" in head:
-        head = head[:head.rindex(b"\n") + 1]
-    return head
 
 
 # -- sending -----------------------------------------------------------------------
@@ -266,7 +238,7 @@ def _send(ctx: ActionContext, action: BounceAction, sender: str,
     job = ctx.job
     check_envelope_address(sender)
     relay = ctx.settings.bounce_relay
-    headers = read_header_block(ctx.message_path)
+    headers = whole_header_lines(ctx.message_path, HEADER_LIMIT)
     dsn = build_dsn(job, action, recipients, headers)
     send_dsn(relay, sender, dsn, timeout=float(ctx.settings.smtp_timeout),
              helo_name=job.hostname)

@@ -68,7 +68,7 @@ def build_dsn(
 
     `recipients` are the rule's matched recipients (one report block each,
     repeats collapsed); `original_headers` is the header block as read by
-    read_header_block; `now` sets Date (default: the current time; naive
+    mxrules.headblock.whole_header_lines; `now` sets Date (default: the current time; naive
     means UTC).
 
     At most MAX_DSN bytes, whatever the input: the recipients are listed

@@ -90,6 +90,7 @@ from email.utils import format_datetime, getaddresses
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from .headblock import HEADER_BLOCK_LIMIT, header_lines
 from .ids import new_message_id
 from .matching import bare
 from .rules import (
@@ -108,7 +109,6 @@ if TYPE_CHECKING:
     from _typeshed import WriteableBuffer
 
 SUBJECT = "Amazon SES Email Receipt Notification"
-HEADER_BLOCK_LIMIT = 1_048_576  # never hold more of a hostile header block than this
 HEADERS_LIMIT = 10 * 1024  # SES: headers are truncated "if larger than 10 KB"
 # Headers whose values SES shows with RFC 2047 encoded words decoded.
 _DECODED = frozenset({"subject", "from", "sender", "reply-to", "to", "cc", "bcc"})
@@ -137,28 +137,6 @@ _COMMON_ORDER = ("returnPath", "from", "sender", "replyTo", "date", "to", "cc", 
 
 
 # -- the message's own headers -------------------------------------------------
-
-
-def read_header_block(path: str, limit: int = HEADER_BLOCK_LIMIT) -> bytes:
-    """The message's header lines (without the empty line), at most `limit` bytes."""
-    return _read_header_block(path, limit)[0]
-
-
-def _read_header_block(path: str, limit: int) -> tuple[bytes, bool]:
-    """The header block and whether `limit` cut it; reads line by line, never the body."""
-    lines: list[bytes] = []
-    size = 0
-    with open(path, "rb") as fh:
-        while size < limit:
-            line = fh.readline(limit - size)
-            if not line or line in (b"\r\n", b"\n"):
-                return b"".join(lines), False
-            lines.append(line)
-            size += len(line)
-        after = fh.read(2)
-    if lines and not lines[-1].endswith(b"\n"):  # the cap fell inside a line
-        return b"".join(lines), after != b""
-    return b"".join(lines), not (after == b"" or after == b"\r\n" or after.startswith(b"\n"))
 
 
 def parse_headers(block: bytes) -> list[Header]:
@@ -281,7 +259,7 @@ def prefix_floor(mail_from: str, client: Client, hostname: str, first_recipient:
 def stored_copy_headers(job: Job, message_path: str, added_headers: Iterable[Header] = (), *,
                         limit: int = HEADER_BLOCK_LIMIT) -> tuple[list[Header], bool]:
     """The stored copy's headers for `mail_object`, and whether reading them was capped."""
-    block, capped = _read_header_block(message_path, limit)
+    block, capped = header_lines(message_path, limit)
     headers = ses_prepended_headers(job)
     headers.extend((name, without_line_breaks(value)) for name, value in added_headers)
     headers.extend(parse_headers(block))

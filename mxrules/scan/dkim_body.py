@@ -2,8 +2,8 @@
 
 dkimpy's `DKIM` takes the whole message as one bytes object and, for each signature,
 canonicalizes a second copy of the body; a 10 MB message cost well over 100 MB that
-way.  Here dkimpy gets only the header block (read by `read_head`, at most
-`HEADER_BLOCK_LIMIT` bytes), and each body hash (RFC 6376 §3.7: the body
+way.  Here dkimpy gets only the header block (mxrules.headblock's `read_head`, re-exported
+here; at most `HEADER_BLOCK_LIMIT` bytes), and each body hash (RFC 6376 §3.7: the body
 canonicalized by c=, cut at l=, hashed with a=) is computed by `BodyHashes` from the
 file in `CHUNK`-sized reads, once per distinct (c=, a=, l=) for all signatures
 together.  `Verifier` (dkimpy's `DKIM`) then compares that hash with bh= where
@@ -29,29 +29,22 @@ every cut of tricky bodies, and the local-DNS tests compare whole verifications.
 from __future__ import annotations
 
 import base64
-import os
 import re
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from typing import IO, Any
+from typing import Any
 
 import dkim
 from dkim.canonicalization import CanonicalizationPolicy, Relaxed
 
+# The header block is read by mxrules.headblock, as dkimpy would split it.
+from mxrules.headblock import HEADER_BLOCK_LIMIT, Head, read_head
+
 __all__ = ["CHUNK", "HEADER_BLOCK_LIMIT", "BodyCanon", "BodyHashes", "Head", "OutOfTime",
            "Verifier", "body_hash_key", "read_head"]
 
-# Never more of a header block than this (the payload code reads the same); Postfix
-# hands a milter at most about 60 KB of one header, so only a hostile message has more.
-HEADER_BLOCK_LIMIT = 1024 * 1024
 CHUNK = 64 * 1024
 
-# The end of the header block as dkimpy finds it (dkim.rfc822_parse splits at \r?\n
-# and stops at the first empty line): an empty first line, or a line break followed
-# by an empty line.  Python's email parser, which also treats a lone CR as a line
-# break, never ends the headers later than this.
-_HEADER_END = re.compile(rb"\A\r?\n|\n\r?\n")
 _EOL = re.compile(rb"\r?\n")
 _TRAILING_WSP = re.compile(rb"[\t ]+\r\n")
 _WSP = re.compile(rb"[\t ]+")
@@ -62,32 +55,6 @@ _CRLF_RUN = 32 * 1024
 
 class OutOfTime(Exception):
     """The deadline passed while the body was being hashed."""
-
-
-@dataclass(frozen=True)
-class Head:
-    block: bytes  # the header lines and the empty line that ends them (if any)
-    body_offset: int  # where the body starts in the file
-    complete: bool  # False: the header block is longer than the limit, `block` is cut
-    size: int  # the whole file's size
-
-
-def read_head(fh: IO[bytes], limit: int = HEADER_BLOCK_LIMIT) -> Head:
-    """The header block of the message open in `fh`, never the body."""
-    size = fh.seek(0, os.SEEK_END)
-    fh.seek(0)
-    data = bytearray()
-    while len(data) < limit + 2:
-        chunk = fh.read(min(CHUNK, limit + 2 - len(data)))
-        if not chunk:
-            # No empty line: everything is header (dkimpy's body is then empty).
-            return Head(bytes(data), len(data), True, size)
-        start = max(0, len(data) - 2)  # an end split across two reads
-        data += chunk
-        end = _HEADER_END.search(data, start)
-        if end is not None:
-            return Head(bytes(data[:end.end()]), end.end(), True, size)
-    return Head(bytes(data[:limit]), limit, False, size)
 
 
 # --------------------------------------------------------------------------- canonicalization

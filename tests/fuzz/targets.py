@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from harness.dns import DnsServer
-from mxrules import authres, payload, ses
+from mxrules import authres, headblock, payload, ses
 from mxrules.actions import bounce
 from mxrules.actions import dsn as dsn_module
 from mxrules.actions.base import PermanentActionError
@@ -285,9 +285,9 @@ def check_header_block(args: tuple[bytes, int]) -> None:
     """Both header-block readers on a file: a prefix of it, never past the limit."""
     data, limit = args
     path = _file("block", data)
-    block, capped = payload._read_header_block(path, limit)
+    block, capped = headblock.header_lines(path, limit)
     assert data.startswith(block) and len(block) <= limit
-    dsn_block = bounce.read_header_block(path, limit)
+    dsn_block = headblock.whole_header_lines(path, limit)
     assert data.startswith(dsn_block) and len(dsn_block) <= limit
     if not capped:  # the whole block was read: what follows is the empty line, or nothing
         assert data[len(block):].startswith((b"\r\n", b"\n")) or len(block) == len(data)
@@ -328,7 +328,7 @@ def check_message(raw: bytes) -> None:
                                                  truncated=capped, processing_ms=1))
     dsn = dsn_module.build_dsn(job, BounceAction(smtp_reply_code="550", status_code="5.1.1",
                                              message="gone", sender="mailer@example.com"),
-                           job.recipients, bounce.read_header_block(path))
+                           job.recipients, headblock.whole_header_lines(path, bounce.HEADER_LIMIT))
     _check_dsn(dsn, job, ascii_only=True)
 
 

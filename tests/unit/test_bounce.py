@@ -38,7 +38,6 @@ from mxrules.actions.bounce import (
     HEADER_LIMIT,
     RelayError,
     parse_relay,
-    read_header_block,
     run,
     send_dsn,
     too_big,
@@ -46,6 +45,7 @@ from mxrules.actions.bounce import (
 from mxrules.actions.bounce_limit import BounceLimiter
 from mxrules.actions.dsn import HEADERS_BUDGET, MAX_DSN, _cut_headers, build_dsn
 from mxrules.config import WorkerSettings
+from mxrules.headblock import whole_header_lines
 from mxrules.rules import Action, BounceAction, Rule, S3Action, SNSAction
 from mxrules.spool import Client, Job, MatchedRule
 
@@ -473,7 +473,7 @@ def test_no_input_makes_a_dsn_over_the_cap(count: int, length: int, message: str
 def test_read_header_block(tmp_path: Path, raw: bytes, expected: bytes) -> None:
     path = tmp_path / "message"
     path.write_bytes(raw)
-    assert read_header_block(str(path)) == expected
+    assert whole_header_lines(str(path), HEADER_LIMIT) == expected
 
 
 def test_read_header_block_caps_at_a_line_boundary(tmp_path: Path) -> None:
@@ -481,10 +481,10 @@ def test_read_header_block_caps_at_a_line_boundary(tmp_path: Path) -> None:
     path = tmp_path / "message"
     path.write_bytes(line * 5000 + b"\r\n" + BODY)
 
-    head = read_header_block(str(path))
+    head = whole_header_lines(str(path), HEADER_LIMIT)
     assert len(head) == HEADER_LIMIT // 100 * 100
     assert head == line * (HEADER_LIMIT // 100)
-    assert read_header_block(str(path), limit=250) == line * 2
+    assert whole_header_lines(str(path), 250) == line * 2
 
 
 def test_read_header_block_stops_at_the_empty_line(tmp_path: Path) -> None:
@@ -502,7 +502,7 @@ def test_read_header_block_stops_at_the_empty_line(tmp_path: Path) -> None:
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        assert read_header_block(str(fifo)) == HEADERS
+        assert whole_header_lines(str(fifo), HEADER_LIMIT) == HEADERS
     finally:
         release.set()
         thread.join()

@@ -11,7 +11,7 @@ import dkim
 import pytest
 from dkim.canonicalization import Relaxed, Simple
 
-from mxrules.scan import dkim_body
+from mxrules import headblock
 from mxrules.scan.dkim_body import BodyCanon, BodyHashes, OutOfTime, read_head
 
 BODIES = [
@@ -89,7 +89,7 @@ HEAD = b"From: a@example.com\r\nSubject: x\r\n"
 def test_header_block_ends_where_dkimpy_ends_it(message: bytes, block: bytes, offset: int,
                                                 chunk: int,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(dkim_body, "CHUNK", chunk)  # the end split across reads
+    monkeypatch.setattr(headblock, "CHUNK", chunk)  # the end split across reads
     head = read_head(io.BytesIO(message), limit=1024)
     assert (head.block, head.body_offset, head.complete, head.size) == (
         block, offset, True, len(message))

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from mxrules import payload
+from mxrules.headblock import header_lines
 from mxrules.payload import (
     HEADERS_LIMIT,
     SUBJECT,
@@ -32,7 +33,6 @@ from mxrules.payload import (
     notification_json,
     object_key,
     parse_headers,
-    read_header_block,
     receipt_object,
     ses_prepended_headers,
     sns_encoding,
@@ -417,7 +417,7 @@ def test_stored_copy_works_through_a_buffered_reader(tmp_path: Path) -> None:
 
 
 def test_read_header_block_stops_at_the_empty_line(tmp_path: Path) -> None:
-    block = read_header_block(_message(tmp_path))
+    block, _capped = header_lines(_message(tmp_path))
     assert block == MESSAGE.split(b"\r\n\r\n", 1)[0] + b"\r\n"
     assert b"--b1" not in block
 
@@ -439,7 +439,7 @@ def test_read_header_block_stops_at_the_empty_line(tmp_path: Path) -> None:
 def test_read_header_block_edges(tmp_path: Path, data: bytes, block: bytes,
                                  capped: bool) -> None:
     path = _message(tmp_path, data)
-    assert read_header_block(path, limit=24) == block
+    assert header_lines(path, limit=24) == (block, capped)
     headers, truncated = stored_copy_headers(_job(), path, limit=24)
     assert truncated is capped
     assert headers[len(ses_prepended_headers(_job())):] == parse_headers(block)
