@@ -75,11 +75,8 @@ def scan_spamd(
             conn.shutdown_write()
         return conn.receive(), sent
 
-    answer = exchange(label, address, path, talk, timeout=timeout, max_size=max_size,
-                      size_detail=SIZE_LIMIT_DETAIL)
-    if isinstance(answer, Verdict):
-        return answer
-    return _spamd_verdict(label, answer)
+    return exchange(label, address, path, talk, _spamd_verdict, timeout=timeout,
+                    max_size=max_size, size_detail=SIZE_LIMIT_DETAIL)
 
 
 def _spamd_verdict(label: str, answer: bytes) -> Verdict:
@@ -195,11 +192,8 @@ def scan_rspamd(
         sent = conn.send_file(message, size, stop_on_close=True)
         return conn.receive(), sent
 
-    answer = exchange(label, address, path, talk, timeout=timeout, max_size=max_size,
-                      size_detail=SIZE_LIMIT_DETAIL)
-    if isinstance(answer, Verdict):
-        return answer
-    return _rspamd_verdict(label, answer)
+    return exchange(label, address, path, talk, _rspamd_verdict, timeout=timeout,
+                    max_size=max_size, size_detail=SIZE_LIMIT_DETAIL)
 
 
 def _rspamd_verdict(label: str, answer: bytes) -> Verdict:

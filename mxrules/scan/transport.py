@@ -6,7 +6,7 @@ refuse one over the size limit without sending it, connect to ``"host:port"``
 whole exchange (connect, send, answer), and turn every failure into
 ``PROCESSING_FAILED`` with a ``detail`` naming the scanner and the reason.
 `exchange` does that; each scanner module gives it the protocol's few lines
-(`Talk`) and reads the answer.
+(`Talk`) and the reading of the answer (`Read`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ __all__ = [
     "CHUNK_SIZE",
     "MAX_ANSWER",
     "DeadlineSocket",
+    "Read",
     "ScannerError",
     "Talk",
     "excerpt",
@@ -42,16 +43,18 @@ MAX_ANSWER = 4 * 1024 * 1024
 # size, send the request and read the answer.  Returns the answer and whether the
 # whole message was sent (False: the scanner closed while it was being sent).
 Talk = Callable[["DeadlineSocket", IO[bytes], int], tuple[bytes, bool]]
+# The verdict from the whole answer, given the label that starts a failure's detail.
+Read = Callable[[str, bytes], Verdict]
 
 
-def exchange(label: str, address: str, path: str, talk: Talk, *, timeout: float,
-             max_size: int, size_detail: str) -> bytes | Verdict:
-    """The scanner's answer to ``talk``, or the PROCESSING_FAILED verdict that replaces it.
+def exchange(label: str, address: str, path: str, talk: Talk, read: Read, *,
+             timeout: float, max_size: int, size_detail: str) -> Verdict:
+    """The verdict ``read`` finds in the scanner's answer to ``talk``, or PROCESSING_FAILED.
 
     ``label`` (``"spamd at host:port"``) starts every failure's detail; a message over
-    ``max_size`` bytes is not sent and gives ``size_detail``.  An empty answer is
-    returned as it is (each protocol words that itself), unless the scanner closed
-    while the message was being sent: that is a failure here.
+    ``max_size`` bytes is not sent and gives ``size_detail``.  An empty answer goes to
+    ``read`` (each protocol words that itself), unless the scanner closed while the
+    message was being sent: that is a failure here.
     """
     deadline = time.monotonic() + timeout
     try:
@@ -64,7 +67,7 @@ def exchange(label: str, address: str, path: str, talk: Talk, *, timeout: float,
                     raise ScannerError("closed the connection while the message was sent")
     except ScannerError as exc:
         return Verdict("PROCESSING_FAILED", f"{label}: {exc}")
-    return answer
+    return read(label, answer)
 
 
 

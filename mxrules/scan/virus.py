@@ -39,11 +39,8 @@ def scan_clamd(address: str, path: str, *, timeout: float, max_size: int) -> Ver
     _LIMITS_EXCEEDED), or clamd down or slow.
     """
     label = f"clamd at {address}"
-    answer = exchange(label, address, path, _instream, timeout=timeout, max_size=max_size,
-                      size_detail=SIZE_LIMIT_DETAIL)
-    if isinstance(answer, Verdict):
-        return answer
-    return _clamd_verdict(label, answer)
+    return exchange(label, address, path, _instream, _clamd_verdict, timeout=timeout,
+                    max_size=max_size, size_detail=SIZE_LIMIT_DETAIL)
 
 
 def _instream(conn: DeadlineSocket, message: IO[bytes], size: int) -> tuple[bytes, bool]:
