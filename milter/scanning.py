@@ -28,7 +28,7 @@ from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from mxrules.authres import SPAM_VERDICT, VIRUS_VERDICT
+from mxrules.authres import verdict_headers
 from mxrules.config import ScanSettings
 from mxrules.scan import DISABLED, Verdict
 
@@ -57,10 +57,8 @@ class ScanOutcome:
 
         docs/ses-compatibility.md, "The stored copy".
         """
-        verdicts = [(name, self.verdicts[key].status)
-                    for name, key in ((SPAM_VERDICT, "spam"), (VIRUS_VERDICT, "virus"))
-                    if self.verdicts[key].status != "DISABLED"]
-        return [*verdicts, *self.auth_headers]
+        statuses = {key: self.verdicts[key].status for key in ("spam", "virus")}
+        return [*verdict_headers(statuses), *self.auth_headers]
 
 
 def _failed(why: str) -> Verdict:

@@ -17,6 +17,8 @@ value's length, never raising.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 AUTH_RESULTS = "Authentication-Results"
 SPAM_VERDICT = "X-SES-Spam-Verdict"
 VIRUS_VERDICT = "X-SES-Virus-Verdict"
@@ -28,6 +30,21 @@ VERDICT_HEADERS = (SPAM_VERDICT, VIRUS_VERDICT)
 OWN_HEADERS = {h.lower(): h for h in (AUTH_RESULTS, *VERDICT_HEADERS)}
 
 _WSP = b" \t\r\n"
+
+
+def verdict_headers(statuses: Mapping[str, str]) -> list[tuple[str, str]]:
+    """SES's spam and virus verdict headers, in SES's order, for the scans that ran.
+
+    `statuses` maps "spam" and "virus" to a verdict status; a scan that did not run
+    (DISABLED, or absent) has no header, as in SES.  The one place both the milter
+    (Postfix's copy) and the payloads (the stored copy) take them from.
+    """
+    out = []
+    for name, key in ((SPAM_VERDICT, "spam"), (VIRUS_VERDICT, "virus")):
+        status = statuses.get(key, "DISABLED")
+        if status != "DISABLED":
+            out.append((name, status))
+    return out
 # RFC 2045 tspecials: what ends a token (besides space and controls).
 _TSPECIALS = frozenset(b'()<>@,;:\\"/[]?=')
 

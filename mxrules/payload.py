@@ -90,6 +90,7 @@ from email.utils import format_datetime, getaddresses
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from .authres import verdict_headers
 from .headblock import HEADER_BLOCK_LIMIT, header_lines
 from .ids import new_message_id
 from .matching import bare
@@ -198,10 +199,8 @@ def _ses_fields(job: Job) -> list[tuple[str, str, str]]:
         ("Return-Path", path, path),
         ("Received", " ".join(received), "\r\n ".join(received)),
     ]
-    for name, key in (("X-SES-Spam-Verdict", "spam"), ("X-SES-Virus-Verdict", "virus")):
-        status = _status(job, key)
-        if status != "DISABLED":
-            fields.append((name, status, status))
+    verdicts = verdict_headers({key: _status(job, key) for key in ("spam", "virus")})
+    fields.extend((name, status, status) for name, status in verdicts)
     # The scanners' Received-SPF and Authentication-Results travel with the job.
     extra = job.auth_headers
     fields.extend((name, without_line_breaks(value), without_line_breaks(value))

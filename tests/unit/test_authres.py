@@ -1,10 +1,15 @@
-"""The authserv-id of an incoming Authentication-Results, read as RFC 8601 §2.2 defines it."""
+"""The authserv-id of an incoming Authentication-Results, read as RFC 8601 §2.2 defines it,
+and the verdict headers only this host writes."""
 
 from __future__ import annotations
 
 import pytest
 
-from mxrules.authres import authserv_id, claims, forged
+from mxrules.authres import authserv_id, claims, forged, verdict_headers
+from mxrules.milter.scanning import ScanOutcome
+from mxrules.payload import ses_prepended_headers
+from mxrules.scan import DISABLED, Verdict
+from mxrules.spool import Client, Job
 
 
 @pytest.mark.parametrize(
@@ -81,3 +86,36 @@ def test_claims(value: bytes, host: str, ours: bool) -> None:
 )
 def test_forged(name: str, value: bytes, expected: bool) -> None:
     assert forged(name, value, "mx.test") is expected
+
+
+def _statuses_job(spam: str | None, virus: str | None) -> Job:
+    verdicts = {k: v for k, v in (("spam", spam), ("virus", virus)) if v is not None}
+    return Job(message_id="m", queue_id="", received_at="2026-01-01T00:00:00.000Z",
+               rule_set="", mail_from="a@example.net", recipients=("b@example.com",),
+               client=Client(address="192.0.2.1"), rules=(), in_stream_headers=(),
+               hostname="mx.example.com", message_size=0, message_sha256="",
+               verdicts=verdicts)
+
+
+# One row per pair of scan results; the milter's copy (ScanOutcome.headers) and the
+# stored copy (ses_prepended_headers) must both write exactly `expected`.
+@pytest.mark.parametrize(("spam", "virus", "expected"), [
+    pytest.param("PASS", "PASS", [("X-SES-Spam-Verdict", "PASS"), ("X-SES-Virus-Verdict", "PASS")],
+                 id="both"),
+    pytest.param("FAIL", "PROCESSING_FAILED",
+                 [("X-SES-Spam-Verdict", "FAIL"), ("X-SES-Virus-Verdict", "PROCESSING_FAILED")],
+                 id="fail-and-failed"),
+    pytest.param("DISABLED", "GRAY", [("X-SES-Virus-Verdict", "GRAY")], id="spam-not-run"),
+    pytest.param("DISABLED", "DISABLED", [], id="none-run"),
+    pytest.param(None, None, [], id="none-recorded"),
+])
+def test_verdict_headers(spam: str | None, virus: str | None,
+                         expected: list[tuple[str, str]]) -> None:
+    statuses = {k: v for k, v in (("spam", spam), ("virus", virus)) if v is not None}
+    assert verdict_headers(statuses) == expected
+    outcome = ScanOutcome({k: Verdict(v) if v else DISABLED  # type: ignore[arg-type]
+                           for k, v in (("spam", spam), ("virus", virus))})
+    assert outcome.headers() == expected
+    written = [h for h in ses_prepended_headers(_statuses_job(spam, virus))
+               if h[0].startswith("X-SES-")]
+    assert written == expected
