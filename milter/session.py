@@ -42,11 +42,13 @@ from mxrules.decision import (
 from mxrules.errors import SpoolError
 from mxrules.ids import new_message_id
 from mxrules.ipfilter import IPAddress, parse_ip
+from mxrules.matching import bare
 from mxrules.metrics import BILLING_CHUNK, MilterMetrics
 from mxrules.payload import prefix_floor, stored_copy_prefix
 from mxrules.received import OriginalClient
 from mxrules.service import quote as _quote
 from mxrules.spool import Client, Job, JobWriter, MatchedRule, Spool, ses_timestamp
+from mxrules.text import has_header_controls
 
 from .scanning import Scanner, ScanOutcome
 
@@ -171,7 +173,7 @@ class Session:
         self.abort()
         self.queue_id = ""
         engine = self.rt.engine
-        self.msg = _Message(engine=engine, sender=_bare(sender))
+        self.msg = _Message(engine=engine, sender=bare(sender))
         size: int | None = None
         raw = params.get("SIZE")
         if raw and raw.isdigit():
@@ -200,7 +202,7 @@ class Session:
         self.rt.metrics.recipients.labels(decision.outcome).inc()
         if decision.reply.verb == "reject":
             self.rt.metrics.rejections.labels("rcpt", decision.outcome).inc()
-        self._log(logging.INFO, "rcpt", sender=self.msg.sender, rcpt=_bare(recipient),
+        self._log(logging.INFO, "rcpt", sender=self.msg.sender, rcpt=bare(recipient),
                   result=decision.outcome, rules=",".join(decision.rules),
                   reply=decision.reply if decision.reply.verb != "continue" else None)
         return decision.reply
@@ -216,7 +218,7 @@ class Session:
             return None
         first = msg.handled[0].recipient if msg.handled else recipient
         return msg.size + prefix_floor(_utf8(msg.sender), _utf8_client(self.client),
-                                       msg.engine.config.hostname, _utf8(_bare(first)))
+                                       msg.engine.config.hostname, _utf8(bare(first)))
 
     def _writer(self) -> JobWriter | None:
         """The spool file for this message, opened at the first header.
@@ -335,7 +337,7 @@ class Session:
         engine = msg.engine
         plan = engine.plan(msg.handled)
         headers = in_stream_headers(plan)
-        recipients = tuple(_utf8(_bare(d.recipient)) for d in msg.handled)
+        recipients = tuple(_utf8(bare(d.recipient)) for d in msg.handled)
         client = _utf8_client(msg.client or self.client)
         verdicts = dict(DISABLED_VERDICTS)
         auth_headers: tuple[tuple[str, str], ...] = ()
@@ -372,7 +374,7 @@ class Session:
             mail_from=_utf8(msg.sender),
             recipients=recipients,
             client=client,
-            rules=tuple(MatchedRule(p.rule, tuple(_utf8(_bare(r)) for r in p.recipients))
+            rules=tuple(MatchedRule(p.rule, tuple(_utf8(bare(r)) for r in p.recipients))
                         for p in plan),
             in_stream_headers=tuple(headers),
             hostname=engine.config.hostname,
@@ -478,7 +480,7 @@ class Session:
         out = []
         for name, value in headers:
             if _HEADER_NAME.fullmatch(name) and _passable(value) \
-                    and not _HEADER_CONTROLS.search(value):
+                    and not has_header_controls(value):
                 out.append((name, value))
             else:
                 self._log(logging.ERROR, "eom", result="header-left-out", header=name,
@@ -644,14 +646,6 @@ def _passable(text: str) -> bool:
 # RFC 5322 field name: printable ASCII but the colon.  A value is one line: no
 # CR or LF (mxrules never folds), no other control but TAB, no DEL.
 _HEADER_NAME = re.compile(r"[!-9;-~]+")
-_HEADER_CONTROLS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-
-
-def _bare(address: str) -> str:
-    address = address.strip()
-    if address.startswith("<") and address.endswith(">"):
-        return address[1:-1]
-    return address
 
 
 def _utf8(text: str) -> str:

@@ -2,8 +2,8 @@
 
 dkimpy's `DKIM` takes the whole message as one bytes object and, for each signature,
 canonicalizes a second copy of the body; a 10 MB message cost well over 100 MB that
-way.  Here dkimpy gets only the header block (mxrules.headblock's `read_head`, re-exported
-here; at most `HEADER_BLOCK_LIMIT` bytes), and each body hash (RFC 6376 §3.7: the body
+way.  Here dkimpy gets only the header block (mxrules.headblock's `read_head`, at
+most its `HEADER_BLOCK_LIMIT` bytes), and each body hash (RFC 6376 §3.7: the body
 canonicalized by c=, cut at l=, hashed with a=) is computed by `BodyHashes` from the
 file in `CHUNK`-sized reads, once per distinct (c=, a=, l=) for all signatures
 together.  `Verifier` (dkimpy's `DKIM`) then compares that hash with bh= where
@@ -37,11 +37,7 @@ from typing import Any
 import dkim
 from dkim.canonicalization import CanonicalizationPolicy, Relaxed
 
-# The header block is read by mxrules.headblock, as dkimpy would split it.
-from mxrules.headblock import HEADER_BLOCK_LIMIT, Head, read_head
-
-__all__ = ["CHUNK", "HEADER_BLOCK_LIMIT", "BodyCanon", "BodyHashes", "Head", "OutOfTime",
-           "Verifier", "body_hash_key", "read_head"]
+__all__ = ["CHUNK", "BodyCanon", "BodyHashes", "OutOfTime", "Verifier", "body_hash_key"]
 
 CHUNK = 64 * 1024
 

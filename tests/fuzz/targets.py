@@ -45,6 +45,7 @@ from mxrules.actions.runner import complete
 from mxrules.config import load
 from mxrules.decision import Engine
 from mxrules.errors import ConfigError, CorruptJobError
+from mxrules.headblock import read_head
 from mxrules.ipfilter import load_blocklist, parse_cidr, parse_ip
 from mxrules.matching import ManagedDomains, split_address
 from mxrules.metrics import MilterMetrics
@@ -60,7 +61,7 @@ from mxrules.rules import (
     SNSAction,
 )
 from mxrules.scan import auth
-from mxrules.scan.dkim_body import BodyCanon, read_head
+from mxrules.scan.dkim_body import BodyCanon
 from mxrules.spool import Client, Job, MatchedRule, Spool
 from mxrules.spool_cli import row
 from mxrules.text import CONTROLS

@@ -12,7 +12,8 @@ import pytest
 from dkim.canonicalization import Relaxed, Simple
 
 from mxrules import headblock
-from mxrules.scan.dkim_body import BodyCanon, BodyHashes, OutOfTime, read_head
+from mxrules.headblock import read_head
+from mxrules.scan.dkim_body import BodyCanon, BodyHashes, OutOfTime
 
 BODIES = [
     pytest.param(b"", id="empty"),

@@ -2,7 +2,8 @@
 
 Scanners (`parse_address`), the bounce relay (`parse_relay`, port 25 by default),
 the metrics listeners (`split_host_port(..., default_host="127.0.0.1")`) and the DNS
-name servers (port 53, bare IPv6 addresses) each get one row per form they meet.
+name servers (`parse_nameserver`: port 53, bare IPv6 addresses, IP addresses only)
+each get one row per form they meet.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 
 from mxrules.actions.bounce import parse_relay
 from mxrules.hostport import split_host_port
+from mxrules.scan.auth import parse_nameserver
 from mxrules.scan.transport import ScannerError, parse_address
 
 Parse = Callable[[str], object]
@@ -21,7 +23,7 @@ Parse = Callable[[str], object]
 SCANNER: Parse = parse_address
 RELAY: Parse = parse_relay
 METRICS: Parse = partial(split_host_port, default_host="127.0.0.1")
-NAMESERVER: Parse = partial(split_host_port, default_port=53, bare_ipv6=True)
+NAMESERVER: Parse = parse_nameserver
 
 
 @pytest.mark.parametrize(("parse", "text", "expected"), [
@@ -65,6 +67,9 @@ def test_parses(parse: Parse, text: str, expected: object) -> None:
     pytest.param(NAMESERVER, "192.0.2.53:dns", "not 1 to 65535", id="ns-port-text"),
     pytest.param(NAMESERVER, "[2001:db8::53", "closing", id="ns-open-bracket"),
     pytest.param(NAMESERVER, "", "no host", id="ns-empty"),
+    pytest.param(NAMESERVER, "ns.example.com", "does not appear to be an IP", id="ns-name"),
+    pytest.param(NAMESERVER, "192.0.2.53:0", "not 1 to 65535", id="ns-port-0"),
+    pytest.param(NAMESERVER, "[::1]:", "not 1 to 65535", id="ns-empty-port"),
 ])
 def test_refuses(parse: Parse, text: str, words: str) -> None:
     with pytest.raises((ValueError, ScannerError), match=words):

@@ -2,7 +2,9 @@
 
 One row per kind of character for every rule, so where two rules differ the table
 shows it: the stored copy keeps all but CR and LF, a scanner request refuses C0 and
-DEL, a DSN replaces C1 and lone surrogates too, and the terminal escapes more still.
+DEL, a DSN replaces C1 and lone surrogates too, Postfix's copy refuses C0 but TAB, the
+authentication headers replace NEL and the Unicode line breaks (and lone surrogates
+by "?"), and the terminal escapes more still.
 """
 
 from __future__ import annotations
@@ -12,7 +14,14 @@ from collections.abc import Callable
 import pytest
 
 from mxrules.terminal import printable
-from mxrules.text import controls_marked, has_controls, one_line, without_line_breaks
+from mxrules.text import (
+    controls_marked,
+    has_controls,
+    has_header_controls,
+    header_text,
+    one_line,
+    without_line_breaks,
+)
 
 ROWS = {
     "plain": "a b",
@@ -44,6 +53,13 @@ EXPECTED: dict[str, tuple[Callable[[str], object], dict[str, object]]] = {
         "plain": "a b", "crlf": "a??b", "tab": "a?b", "nul": "a?b", "esc": "a?b",
         "del": "a?b", "c1": "a?b", "surrogate": "a?b", "utf8": "café", "bidi": "a\u202eb",
         "spaces": "  a   b  "}),
+    "has_header_controls": (has_header_controls, {
+        "plain": False, "crlf": True, "tab": False, "nul": True, "esc": True, "del": True,
+        "c1": False, "surrogate": False, "utf8": False, "bidi": False, "spaces": False}),
+    "header_text": (lambda text: header_text(text, 200), {
+        "plain": "a b", "crlf": "a b", "tab": "a b", "nul": "a b", "esc": "a b",
+        "del": "a b", "c1": "a b", "surrogate": "a?b", "utf8": "café", "bidi": "a\u202eb",
+        "spaces": "a b"}),
     "terminal": (printable, {
         "plain": "a b", "crlf": "a\\x0d\\x0ab", "tab": "a\\x09b", "nul": "a\\x00b",
         "esc": "a\\x1bb", "del": "a\\x7fb", "c1": "a\\x85b", "surrogate": "a\\udcffb",
@@ -57,3 +73,12 @@ EXPECTED: dict[str, tuple[Callable[[str], object], dict[str, object]]] = {
 def test_rule(rule: str, row: str) -> None:
     function, expected = EXPECTED[rule]
     assert function(ROWS[row]) == expected[row]
+
+
+@pytest.mark.parametrize(("text", "limit", "expected"), [
+    pytest.param("x" * 300, 200, "x" * 197 + "...", id="cut"),
+    pytest.param("x" * 200, 200, "x" * 200, id="at-the-limit"),
+    pytest.param("a\u2028b\u2029c", 200, "a b c", id="unicode-line-breaks"),
+])
+def test_header_text_length(text: str, limit: int, expected: str) -> None:
+    assert header_text(text, limit) == expected

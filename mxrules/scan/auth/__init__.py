@@ -74,8 +74,8 @@ from __future__ import annotations
 import logging
 import time
 
+from mxrules.headblock import Head, read_head
 from mxrules.scan import Verdict
-from mxrules.scan.dkim_body import Head, read_head
 
 from .dkim import check_dkim, dkim_verdict
 from .dmarc import (

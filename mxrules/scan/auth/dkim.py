@@ -12,8 +12,9 @@ from typing import Any
 import dkim
 import dkim.util
 
+from mxrules.headblock import Head
 from mxrules.scan import Status, Verdict
-from mxrules.scan.dkim_body import BodyHashes, Head, OutOfTime, Verifier, body_hash_key
+from mxrules.scan.dkim_body import BodyHashes, OutOfTime, Verifier, body_hash_key
 
 from .headers import header_values, sanitize
 from .resolver import Dns, DnsTempError

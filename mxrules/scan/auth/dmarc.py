@@ -10,8 +10,8 @@ import dns.exception
 import dns.name
 import publicsuffix2
 
+from mxrules.headblock import Head
 from mxrules.scan import Verdict
-from mxrules.scan.dkim_body import Head
 
 from .headers import header_values, sanitize
 from .resolver import Dns, DnsTempError

@@ -25,6 +25,8 @@ from collections.abc import Sequence
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
+from mxrules.text import header_text
+
 from .results import DkimResult, DmarcResult, SpfResult
 
 # Free text from the wire or from DNS (a HELO name, an SPF record's error, a signature's
@@ -32,7 +34,6 @@ from .results import DkimResult, DmarcResult, SpfResult
 _TEXT_LIMIT = 200
 _ADDRESS_LIMIT = 320
 
-_UNSAFE = re.compile(r"[\x00-\x1f\x7f\x85\u2028\u2029]")
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]"
 _DOT_ATOM = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*")
 _TOKEN = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`{|}~]+")  # RFC 2045 token: no tspecials
@@ -42,14 +43,7 @@ _ADDRESS = re.compile(rf"(?:{_ATEXT}+(?:\.{_ATEXT}+)*)?@{_LABEL}(?:\.{_LABEL})*"
 
 def sanitize(text: str, limit: int = _TEXT_LIMIT) -> str:
     """One safe line: no CR, LF or other controls, no lone surrogates, bounded length."""
-    text = _UNSAFE.sub(" ", text)
-    # Undecodable bytes arrive as lone surrogates (surrogateescape); they cannot be
-    # encoded when the header is written.
-    text = text.encode("utf-8", "replace").decode("utf-8")
-    text = re.sub(r" {2,}", " ", text).strip()
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return text
+    return header_text(text, limit)
 
 
 def comment(text: str) -> str:

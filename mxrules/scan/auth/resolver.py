@@ -38,6 +38,7 @@ import dns.ttl
 import spf
 
 from mxrules.configschema import default
+from mxrules.hostport import split_host_port
 
 
 @dataclass(frozen=True)
@@ -65,21 +66,11 @@ class DnsSettings:
 
 def parse_nameserver(text: str) -> tuple[str, int]:
     """("ip", port) from "ip", "ip:port" or "[ipv6]:port"; ValueError when it is neither."""
-    host, port = text.strip(), "53"
-    if host.startswith("["):
-        host, sep, rest = host[1:].partition("]")
-        if not sep or (rest and not rest.startswith(":")):
-            raise ValueError(f"bad name server {text!r}")
-        port = rest[1:] or "53"
-    elif host.count(":") == 1:
-        host, _, port = host.partition(":")
     try:
+        host, number = split_host_port(text, default_port=53, bare_ipv6=True)
         address = ipaddress.ip_address(host)
-        number = int(port)
-    except ValueError:
-        raise ValueError(f"bad name server {text!r}: want ip or ip:port") from None
-    if not 0 < number < 65536:
-        raise ValueError(f"bad name server {text!r}: port out of range")
+    except ValueError as exc:
+        raise ValueError(f"bad name server {text!r}: want ip or ip:port ({exc})") from None
     return str(address), number
 
 
