@@ -126,9 +126,9 @@ def show_job(spool: Spool, job_id: str, as_json: bool) -> str:
     except CorruptJobError as exc:
         return json.dumps({"id": job_id, "state": state, "error": exc.cause}, indent=2) \
             if as_json else f"{job_id} ({state}): cannot be decoded: {printable(exc.cause)}"
-    from .spool import _to_json
+    from .job import to_json
     data = {"id": job_id, "state": state, "message_path": spool.message_path(state, job_id),
-            **_to_json(job)}
+            **to_json(job)}
     if as_json:
         return json.dumps(data, indent=2)
     p = job.progress
