@@ -37,7 +37,17 @@ from mxrules.config import Config
 from mxrules.errors import EX_UNAVAILABLE, ConfigError, CorruptJobError, SpoolError
 from mxrules.metrics import WorkerMetrics
 from mxrules.service import kv, notify_ready, serve_metrics, setup_logging
-from mxrules.spool import STATES, Claim, Spool, message_time, retention_victims
+from mxrules.spool import (
+    ACTIVE,
+    DEFERRED,
+    INCOMING,
+    META,
+    STATES,
+    Claim,
+    Spool,
+    message_time,
+    retention_victims,
+)
 
 from .aws import Clients
 from .bounce_limit import BounceLimiter
@@ -151,7 +161,7 @@ class Worker:
 
     def _next_due(self, job_id: str) -> float:
         """A deferred job's retry time, read again only when its job.json changed."""
-        path = os.path.join(self.spool.path("deferred", job_id), "job.json")
+        path = os.path.join(self.spool.path(DEFERRED, job_id), META)
         try:
             mtime = os.stat(path).st_mtime_ns
         except OSError:
@@ -162,7 +172,7 @@ class Worker:
             due, waits_on = cached[1], cached[2]
         else:
             try:
-                progress = self.spool.load("deferred", job_id).progress
+                progress = self.spool.load(DEFERRED, job_id).progress
                 due, waits_on = progress.next_due, _waits_on(progress.last_error)
             except CorruptJobError:
                 due, waits_on = 0.0, ""  # claim it now; the claim moves it to corrupt/
@@ -184,7 +194,7 @@ class Worker:
         with self._lock:
             listed = False
             if not self._incoming and may_list:
-                self._incoming = self.spool.ids("incoming")[::-1]
+                self._incoming = self.spool.ids(INCOMING)[::-1]
                 listed = True
             return (self._incoming.pop() if self._incoming else None), listed
 
@@ -195,21 +205,21 @@ class Worker:
             may_list = may_list and not listed
             if job_id is None:
                 break
-            claim = self._try("incoming", job_id)
+            claim = self._try(INCOMING, job_id)
             if claim:
                 return claim
         now = time.time()
-        deferred = self.spool.ids("deferred")
+        deferred = self.spool.ids(DEFERRED)
         with self._lock:
             for gone in set(self._due) - set(deferred):
                 del self._due[gone]
         for job_id in deferred:
             if self._next_due(job_id) <= now:
-                claim = self._try("deferred", job_id)
+                claim = self._try(DEFERRED, job_id)
                 if claim:
                     return claim
-        for job_id in self.spool.ids("active"):
-            claim = self._try("active", job_id)
+        for job_id in self.spool.ids(ACTIVE):
+            claim = self._try(ACTIVE, job_id)
             if claim:
                 self.metrics.recovered.inc()
                 log.warning("job recovered from a worker that stopped holding it %s "

@@ -37,6 +37,7 @@ from . import ses
 from .decision import Engine
 from .errors import EX_CONFIG, EX_DATAERR, EX_USAGE, ConfigError, SpoolError
 from .explain import Transaction, explain, render
+from .spool import STATES
 from .terminal import printable, printable_values
 
 
@@ -73,8 +74,7 @@ def _parser() -> argparse.ArgumentParser:
                                     "it first switches to the spool directory's owner.")
     spsub = sp.add_subparsers(dest="spool_command", metavar="ACTION", required=True)
     ls = spsub.add_parser("list", parents=[common], help="a table of jobs")
-    ls.add_argument("--state", action="append", choices=["incoming", "active", "deferred",
-                                                         "failed", "corrupt"],
+    ls.add_argument("--state", action="append", choices=list(STATES),
                     help="only jobs in this state (repeatable; default: all)")
     ls.add_argument("--json", action="store_true", help="print JSON for scripts")
     sh = spsub.add_parser("show", parents=[common], help="one job in full")

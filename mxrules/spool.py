@@ -48,11 +48,46 @@ from .job import (
 )
 
 # The job record is mxrules.job's; these names stay importable from here.
-__all__ = ["JOB_VERSION", "STATES", "Claim", "Client", "DeadLetter", "Job", "JobWriter",
-           "MatchedRule", "Progress", "Spool", "message_time", "retention_victims",
-           "ses_timestamp", "to_json", "with_progress"]
+__all__ = [
+    "ACTIVE",
+    "CORRUPT",
+    "DEFERRED",
+    "DIRECTORIES",
+    "DONE",
+    "FAILED",
+    "INCOMING",
+    "JOB_VERSION",
+    "META",
+    "STATES",
+    "TMP",
+    "Claim",
+    "Client",
+    "DeadLetter",
+    "Job",
+    "JobWriter",
+    "MatchedRule",
+    "Progress",
+    "Spool",
+    "message_time",
+    "retention_victims",
+    "ses_timestamp",
+    "to_json",
+    "with_progress",
+]
 
-STATES = ("incoming", "active", "deferred", "failed", "corrupt")
+# The states, one directory each, named once here (as Postfix's mail_queue.h names its
+# queues); only this module touches the directories, the others pass these names.
+TMP = "tmp"  # being received by the milter; never read by a worker
+INCOMING = "incoming"
+ACTIVE = "active"
+DEFERRED = "deferred"
+FAILED = "failed"
+CORRUPT = "corrupt"
+DONE = "done"  # finished, being removed
+# The states a job waits in: listed by `mxrules spool list`, counted by the metrics.
+STATES = (INCOMING, ACTIVE, DEFERRED, FAILED, CORRUPT)
+# Every state directory the spool has (tmp/ and done/ are passages, not waits).
+DIRECTORIES = (TMP, *STATES, DONE)
 MESSAGE = "message"
 META = "job.json"
 LOCK = "lock"
@@ -169,7 +204,7 @@ class JobWriter:
     def __init__(self, spool: Spool, message_id: str) -> None:
         self.spool = spool
         self.message_id = message_id
-        self.dir = os.path.join(spool.root, "tmp", message_id)
+        self.dir = os.path.join(spool.root, TMP, message_id)
         self.size = 0
         self._hash = hashlib.sha256()
         # The session's thread writes and commits; the stopping milter's main
@@ -240,7 +275,7 @@ class JobWriter:
                 fh.flush()
                 os.fsync(fh.fileno())
             _fsync_dir(self.dir)
-            target = os.path.join(self.spool.root, "incoming", self.message_id)
+            target = os.path.join(self.spool.root, INCOMING, self.message_id)
             os.rename(self.dir, target)
         except (OSError, ValueError) as exc:  # ValueError: a job.json that cannot be encoded
             self._discard()
@@ -257,7 +292,7 @@ class JobWriter:
         and the commit stands.
         """
         try:
-            self.spool.dir_sync("incoming")
+            self.spool.dir_sync(INCOMING)
         except OSError as exc:
             try:
                 os.rename(target, self.dir)
@@ -271,7 +306,7 @@ class JobWriter:
         # The job is durable in incoming/.  Should the old name in tmp/ come back
         # after a crash, the janitor removes it (clean_tmp): nothing to fail on.
         with contextlib.suppress(OSError):
-            self.spool.dir_sync("tmp")
+            self.spool.dir_sync(TMP)
         return target
 
     def abort(self) -> None:
@@ -308,7 +343,7 @@ class JobWriter:
 class Spool:
     def __init__(self, root: str) -> None:
         self.root = root
-        self._dir_syncs = {d: _SharedDirSync(os.path.join(root, d)) for d in ("incoming", "tmp")}
+        self._dir_syncs = {d: _SharedDirSync(os.path.join(root, d)) for d in (INCOMING, TMP)}
         # The receptions in tmp/ that this process has open, for stop_receiving().
         self._receiving: set[JobWriter] = set()
         self._receiving_lock = threading.Lock()
@@ -326,7 +361,7 @@ class Spool:
         lock and fails, and look again.
         """
         for path in (self.root,
-                     *(os.path.join(self.root, s) for s in ("tmp", *STATES, "done"))):
+                     *(os.path.join(self.root, s) for s in DIRECTORIES)):
             if not os.path.isdir(path):
                 os.makedirs(path, mode=0o700, exist_ok=True)
 
@@ -402,16 +437,16 @@ class Spool:
 
     def clean_done(self) -> int:
         """Remove finished jobs a worker did not get to delete (killed meanwhile)."""
-        names = self.ids("done")
+        names = self.ids(DONE)
         for name in names:
-            shutil.rmtree(os.path.join(self.root, "done", name), ignore_errors=True)
+            shutil.rmtree(os.path.join(self.root, DONE, name), ignore_errors=True)
         return len(names)
 
     def clean_tmp(self, older_than: float, now: float) -> int:
         """Remove receptions abandoned by a milter that died mid-DATA."""
         removed = 0
-        for name in self.ids("tmp"):
-            path = os.path.join(self.root, "tmp", name)
+        for name in self.ids(TMP):
+            path = os.path.join(self.root, TMP, name)
             try:
                 # The directory's mtime does not move while its message file
                 # grows: a slow reception is judged by its newest file.
@@ -448,8 +483,8 @@ class Spool:
             os.close(fd)
             return None
         try:
-            if state != "active":
-                os.rename(directory, self.path("active", job_id))
+            if state != ACTIVE:
+                os.rename(directory, self.path(ACTIVE, job_id))
         except FileNotFoundError:
             os.close(fd)  # moved by its previous owner just before we locked it
             return None
@@ -457,10 +492,10 @@ class Spool:
             os.close(fd)
             raise SpoolError(f"cannot claim job {job_id}: {exc}") from exc
         try:
-            job = self.load("active", job_id)
+            job = self.load(ACTIVE, job_id)
         except CorruptJobError:
             try:
-                self.move(job_id, "active", "corrupt")  # kept for an operator, never deleted
+                self.move(job_id, ACTIVE, CORRUPT)  # kept for an operator, never deleted
             finally:
                 os.close(fd)
             raise
@@ -489,7 +524,7 @@ class Spool:
     def requeue(self, job_id: str) -> Job:
         """Give a dead letter (or a deferred job) another full retry window, now."""
         state = self.find(job_id)
-        if state not in ("failed", "deferred"):
+        if state not in (FAILED, DEFERRED):
             raise SpoolError(f"job {job_id} is {state or 'not in the spool'}, "
                              "only failed or deferred jobs can be requeued")
         claim = self.claim(state, job_id)
@@ -497,7 +532,7 @@ class Spool:
             raise SpoolError(f"job {job_id} is held by a worker")
         job = with_progress(claim.job, attempts=0, first_attempt_at=None, next_due=0.0)
         p = job.progress
-        if state == "failed" and p.failed:
+        if state == FAILED and p.failed:
             # Every other action ran: only the failed ones run again (and the AddHeaders,
             # which shape the stored copies), from the start of the plan.
             job = with_progress(job, rule=0, action=0, phase="action", disposition="",
@@ -505,7 +540,7 @@ class Spool:
                                 last_error="")
         try:
             claim.save(job)
-            claim.move("incoming")
+            claim.move(INCOMING)
         except OSError as exc:
             claim.release()
             raise SpoolError(f"cannot requeue job {job_id}: {exc}") from exc
@@ -517,7 +552,7 @@ class Spool:
         if state is None:
             raise SpoolError(f"no job {job_id} in the spool")
         try:
-            if state != "corrupt":
+            if state != CORRUPT:
                 claim = self.claim(state, job_id)
                 if claim is None:
                     raise SpoolError(f"job {job_id} is held by a worker")
@@ -533,8 +568,8 @@ class Spool:
     def dead_letters(self) -> list[DeadLetter]:
         """The jobs in failed/, oldest first: when each was given up on, and its size."""
         letters = []
-        for job_id in self.ids("failed"):
-            path = self.path("failed", job_id)
+        for job_id in self.ids(FAILED):
+            path = self.path(FAILED, job_id)
             try:
                 # job.json is saved just before the move to failed/: its time is the
                 # dead-lettering's (a rename leaves the directory's own times alone).
@@ -553,7 +588,7 @@ class Spool:
         requeueing at that moment is never removed; it leaves failed/ by one rename
         into done/, never into active/, where a worker would run it again.
         """
-        directory = self.path("failed", job_id)
+        directory = self.path(FAILED, job_id)
         try:
             fd = os.open(os.path.join(directory, LOCK), os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
         except (FileNotFoundError, NotADirectoryError):
@@ -562,7 +597,7 @@ class Spool:
             raise SpoolError(f"cannot open lock of job {job_id}: {exc}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            target = os.path.join(self.root, "done", job_id)
+            target = os.path.join(self.root, DONE, job_id)
             os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
             os.rename(directory, target)
         except (BlockingIOError, FileNotFoundError):
@@ -571,7 +606,7 @@ class Spool:
             raise SpoolError(f"cannot remove dead letter {job_id}: {exc}") from exc
         finally:
             os.close(fd)
-        _fsync_dir(os.path.join(self.root, "failed"))
+        _fsync_dir(os.path.join(self.root, FAILED))
         _remove_job_dir(target)
         return True
 
@@ -616,7 +651,7 @@ class Claim:
         self.spool = spool
         self.job_id = job_id
         self.fd = fd
-        self.state = "active"
+        self.state = ACTIVE
         self.job = job
 
     @property
@@ -647,7 +682,7 @@ class Claim:
         that save fails too, the job stays held (the OSError says why) for the
         caller to save it, lest the next claim run the last action again.
         """
-        done = os.path.join(self.spool.root, "done")
+        done = os.path.join(self.spool.root, DONE)
         target = os.path.join(done, self.job_id)
         try:
             os.makedirs(done, mode=0o700, exist_ok=True)

@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from .errors import CorruptJobError, SpoolError
-from .spool import STATES, Job, Spool, message_time
+from .spool import DEFERRED, FAILED, STATES, Job, Spool, message_time
 from .terminal import printable
 
 
@@ -95,7 +95,7 @@ def row(state: str, job_id: str, job: Job | CorruptJobError, now: float) -> dict
     return {**base, "queue_id": job.queue_id, "from": job.mail_from,
             "recipients": list(job.recipients), "attempts": p.attempts,
             "next_action": _next_action(job),
-            "next_due_in": round(max(0.0, p.next_due - now), 1) if state == "deferred" else None,
+            "next_due_in": round(max(0.0, p.next_due - now), 1) if state == DEFERRED else None,
             "last_error": p.last_error, "failed": failed_actions(job)}
 
 
@@ -149,7 +149,7 @@ def show_job(spool: Spool, job_id: str, as_json: bool) -> str:
             here = "  <- next" if i == p.rule and j == p.action and not p.stopped else ""
             out.append(f"      {j + 1}. {a.TYPE}{here}")
     wait = f", next try in {max(0.0, p.next_due - time.time()):.0f}s" \
-        if state == "deferred" else ""
+        if state == DEFERRED else ""
     out.append(f"  attempts   {p.attempts}{wait}")
     if p.failed:
         out.append(f"  failed     {', '.join(failed_actions(job))} (the other actions ran)")
@@ -162,7 +162,7 @@ def show_job(spool: Spool, job_id: str, as_json: bool) -> str:
 
 
 def requeue(spool: Spool, ids: list[str], all_failed: bool) -> list[str]:
-    targets = spool.ids("failed") if all_failed else ids
+    targets = spool.ids(FAILED) if all_failed else ids
     for job_id in targets:
         spool.requeue(job_id)
     return targets
