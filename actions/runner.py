@@ -23,12 +23,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from mxrules import jobstate
 from mxrules.config import WorkerSettings
 from mxrules.errors import SpoolError
+from mxrules.jobstate import NO_ACTION, Failure, Next, Phase, Transition
 from mxrules.metrics import WorkerMetrics
-from mxrules.rules import AddHeaderAction, SNSAction
+from mxrules.rules import Action, SNSAction
 from mxrules.service import kv
-from mxrules.spool import Claim, Job, message_time, with_progress
+from mxrules.spool import DEFERRED, DONE, FAILED, Claim, Job, message_time
 
 from . import add_header, bounce, lambda_invoke, s3, sns, stop
 from .aws import Clients, classify
@@ -46,49 +48,8 @@ ACTIONS: dict[str, Callable[[ActionContext], Outcome]] = {
     "bounce": bounce.run,
     "stop": stop.run,
 }
-
-
-def advance(job: Job, disposition: str) -> Job:
-    """The progress after the current action answered `disposition`."""
-    p = job.progress
-    reset = {"attempts": 0, "first_attempt_at": None, "next_due": 0.0, "last_error": "",
-             "phase": "action", "disposition": ""}
-    if disposition == "STOP_RULE_SET":
-        return with_progress(job, stopped="rule_set", **reset)
-    if disposition == "STOP_RULE":
-        return with_progress(job, rule=p.rule + 1, action=0, **reset)
-    return with_progress(job, action=p.action + 1, **reset)
-
-
-def wanted(job: Job) -> str | None:
-    """The phase to run at the job's (rule, action), or None to pass it by.
-
-    Every action runs, except in a requeued dead letter (`progress.only`): there
-    only the actions that had failed run, and the AddHeaders (local, and needed
-    for the stored copies to be the same as the first time).
-    """
-    p = job.progress
-    if not p.only:
-        return p.phase
-    phases = {phase for rule, action, phase in p.only if (rule, action) == (p.rule, p.action)}
-    if "action" in phases or (p.phase == "notify" and phases):
-        return p.phase
-    if phases:
-        return "notify"  # the action ran the first time; only its notification failed
-    # An AddHeader runs again, but its notification (if any) was sent the first time.
-    actions = job.rules[p.rule].rule.actions
-    if isinstance(actions[p.action], AddHeaderAction) and p.phase == "action":
-        return "action"
-    return None
-
-
-def complete(job: Job) -> bool:
-    """No action is left: the rule set was stopped, or every matched rule's actions ran."""
-    p = job.progress
-    if p.stopped:
-        return True
-    return all(p.action >= len(m.rule.actions) if i == p.rule else not m.rule.actions
-               for i, m in enumerate(job.rules[p.rule:], start=p.rule))
+# What a failure's transition leaves the job in, as run() returns it.
+_LEFT_IN = {Next.RETRY: DEFERRED, Next.DEAD_LETTER_NOW: FAILED}
 
 
 @dataclass
@@ -109,96 +70,96 @@ class Runner:
     dead_lettered: Callable[[], None] | None = None
 
     def run(self, claim: Claim) -> str:
-        """Work a job until it is done, deferred or dead; returns which."""
+        """Work a job until it is done, deferred or dead; returns the state it is left in."""
         job = claim.job
         while True:
-            p = job.progress
-            if (p.stopped or p.rule >= len(job.rules)) and p.failed:
+            job, next_step = jobstate.settle(job)
+            if next_step is Next.FINISH:
+                return self._finish(claim, job)
+            if next_step is Next.DEAD_LETTER:
                 return self._dead_letter(claim, job)
-            if p.stopped or p.rule >= len(job.rules):
-                try:
-                    claim.finish(job)
-                except OSError:
-                    if claim.fd >= 0:  # neither moved nor saved: hold it until saved
-                        self._save(claim, job)
-                    raise
-                self.metrics.jobs.labels("done").inc()
-                latency = self.clock() - message_time(job.message_id)
-                self.metrics.job_seconds.observe(max(0.0, latency))
-                log.info("job done %s", kv(message_id=job.message_id, queue_id=job.queue_id,
-                                           actions=len(p.done),
-                                           stopped="rule-set" if p.stopped else None,
-                                           ms=int(max(0.0, latency) * 1000)))
-                return "done"
-            matched = job.rules[p.rule]
-            if p.action >= len(matched.rule.actions):
-                job = with_progress(job, rule=p.rule + 1, action=0)
-                continue
-            phase = wanted(job)
-            if phase is None:
-                job = with_progress(job, action=p.action + 1, phase="action", disposition="")
-                continue
-            if phase != p.phase:
-                job = with_progress(job, phase=phase, disposition="CONTINUE")
-                p = job.progress
             if self.stopping.is_set():
                 # Draining: hand the job back, due now, for the next worker to go on.
-                claim.move("deferred")
-                return "deferred"
-            action = matched.rule.actions[p.action]
-            ctx = ActionContext(job=job, matched=matched, action=action, rule_index=p.rule,
-                                action_index=p.action, message_path=claim.message_path,
-                                added_headers=p.added_headers, clients=self.clients,
-                                settings=self.settings, bounce_limiter=self.bounce_limiter)
-            started = time.monotonic()
-            try:
-                if p.phase == "action":
-                    outcome = ACTIONS[action.KEY](ctx)
-                    self.metrics.actions.labels(
-                        action.TYPE, "bounced" if outcome.bounced else "ok").inc()
-                    if p.attempts and self.recovered:
-                        self.recovered(action.TYPE)
-                    if action.TYPE == "Lambda":
-                        self.metrics.dispositions.labels(outcome.disposition).inc()
-                    if outcome.suppressed:
-                        self._suppressed(job, matched.rule.name, p.action + 1, outcome)
-                    added = p.added_headers + ((outcome.header,) if outcome.header else ())
-                    done = (*p.done, f"rule {matched.rule.name} action {p.action + 1} "
-                                     f"{action.TYPE}: {outcome.detail}")
-                    job = with_progress(job, added_headers=added, done=done)
-                    log.info("action ok %s", kv(
-                        message_id=job.message_id, queue_id=job.queue_id, rule=matched.rule.name,
-                        action=p.action + 1, type=action.TYPE, detail=outcome.detail,
-                        ms=int((time.monotonic() - started) * 1000)))
-                    if (action.topic_arn and not isinstance(action, SNSAction)
-                            and not outcome.bounced):
-                        job = with_progress(job, phase="notify",
-                                            disposition=outcome.disposition, attempts=0,
-                                            first_attempt_at=None, last_error="")
-                    else:
-                        job = advance(job, outcome.disposition)
-                    self._record(claim, job)
-                else:
-                    assert action.topic_arn
-                    note = sns.notify(ctx, action.topic_arn)
-                    self.metrics.notifications.labels(action.TYPE).inc()
-                    if p.attempts and self.recovered:
-                        self.recovered("SNS")
-                    log.info("action notified %s", kv(
-                        message_id=job.message_id, queue_id=job.queue_id, rule=matched.rule.name,
-                        action=p.action + 1, type=action.TYPE, detail=note,
-                        ms=int((time.monotonic() - started) * 1000)))
-                    job = advance(job, p.disposition or "CONTINUE")
-                    self._record(claim, job)
-            except SpoolError:
-                raise  # the spool itself failed: the job stays in active/ for recovery
-            except Exception as exc:
-                result, job = self._failed(claim, job, action.TYPE, exc)
-                if result != "given-up":
-                    return result
-            finally:
-                self.metrics.action_seconds.labels(action.TYPE).observe(
-                    time.monotonic() - started)
+                claim.move(DEFERRED)
+                return DEFERRED
+            job, next_step = self._step(claim, job)
+            if next_step in _LEFT_IN:
+                return _LEFT_IN[next_step]
+
+    def _step(self, claim: Claim, job: Job) -> tuple[Job, Next]:
+        """Run the job's step (an action or its notification) and record what follows."""
+        p = job.progress
+        matched = job.rules[p.rule]
+        action = matched.rule.actions[p.action]
+        ctx = ActionContext(job=job, matched=matched, action=action, rule_index=p.rule,
+                            action_index=p.action, message_path=claim.message_path,
+                            added_headers=p.added_headers, clients=self.clients,
+                            settings=self.settings, bounce_limiter=self.bounce_limiter)
+        started = time.monotonic()
+        try:
+            if p.phase == Phase.ACTION:
+                outcome = ACTIONS[action.KEY](ctx)
+                after = jobstate.ran(
+                    job, disposition=outcome.disposition, header=outcome.header,
+                    notify=bool(action.topic_arn) and not isinstance(action, SNSAction)
+                    and not outcome.bounced,
+                    done=f"rule {matched.rule.name} action {p.action + 1} "
+                         f"{action.TYPE}: {outcome.detail}")
+                self._action_ok(job, action, outcome, _ms(started))
+            else:
+                assert action.topic_arn
+                note = sns.notify(ctx, action.topic_arn)
+                after = jobstate.notified(job)
+                self._notified(job, action, note, _ms(started))
+            self._record(claim, after)
+            return after, Next.RUN
+        except SpoolError:
+            raise  # the spool itself failed: the job stays in active/ for recovery
+        except Exception as exc:
+            return self._failed(claim, job, action.TYPE, exc)
+        finally:
+            self.metrics.action_seconds.labels(action.TYPE).observe(time.monotonic() - started)
+
+    def _finish(self, claim: Claim, job: Job) -> str:
+        try:
+            claim.finish(job)
+        except OSError:
+            if claim.fd >= 0:  # neither moved nor saved: hold it until saved
+                self._save(claim, job)
+            raise
+        self.metrics.jobs.labels("done").inc()
+        latency = max(0.0, self.clock() - message_time(job.message_id))
+        self.metrics.job_seconds.observe(latency)
+        log.info("job done %s", kv(message_id=job.message_id, queue_id=job.queue_id,
+                                   actions=len(job.progress.done),
+                                   stopped="rule-set" if job.progress.stopped else None,
+                                   ms=int(latency * 1000)))
+        return DONE
+
+    # -- metrics and logging, once per step, from what it did ------------------------
+    def _action_ok(self, job: Job, action: Action, outcome: Outcome, ms: int) -> None:
+        p = job.progress
+        self.metrics.actions.labels(action.TYPE, "bounced" if outcome.bounced else "ok").inc()
+        if p.attempts and self.recovered:
+            self.recovered(action.TYPE)
+        if action.TYPE == "Lambda":
+            self.metrics.dispositions.labels(outcome.disposition).inc()
+        rule = job.rules[p.rule].rule.name
+        if outcome.suppressed:
+            self._suppressed(job, rule, p.action + 1, outcome)
+        log.info("action ok %s", kv(
+            message_id=job.message_id, queue_id=job.queue_id, rule=rule, action=p.action + 1,
+            type=action.TYPE, detail=outcome.detail, ms=ms))
+
+    def _notified(self, job: Job, action: Action, note: str, ms: int) -> None:
+        p = job.progress
+        self.metrics.notifications.labels(action.TYPE).inc()
+        if p.attempts and self.recovered:
+            self.recovered("SNS")
+        log.info("action notified %s", kv(
+            message_id=job.message_id, queue_id=job.queue_id,
+            rule=job.rules[p.rule].rule.name, action=p.action + 1, type=action.TYPE,
+            detail=note, ms=ms))
 
     def _suppressed(self, job: Job, rule: str, action: int, outcome: Outcome) -> None:
         """A Bounce that sent nothing on purpose: done, not failed, and never silent."""
@@ -217,7 +178,7 @@ class Runner:
         and fsync'd only to be deleted -- is skipped (finish saves the job after all if
         it cannot move it).  Either way a crash repeats at most the action in flight.
         """
-        if not complete(job):
+        if not jobstate.complete(job):
             self._save(claim, job)
 
     def _save(self, claim: Claim, job: Job) -> None:
@@ -256,77 +217,57 @@ class Runner:
         retried with backoff, then dead-lettered at the end of the retry window.
         """
         job = claim.job
-        p = job.progress
-        try:
-            kind = job.rules[p.rule].rule.actions[p.action].TYPE
-        except IndexError:
-            kind = "-"  # past its last action: it failed while finishing
-        return self._failed(claim, job, kind, exc, go_on=False)[0]
+        kind = jobstate.current_type(job)  # NO_ACTION past its last: it failed finishing
+        return _LEFT_IN[self._failed(claim, job, kind, exc, go_on=False)[1]]
 
     def _failed(self, claim: Claim, job: Job, kind: str, exc: Exception, *,
-                go_on: bool = True) -> tuple[str, Job]:
-        """Defer the job for a retry, or give the action up and go on ("given-up").
+                go_on: bool = True) -> tuple[Job, Next]:
+        """Record a failure of the job's step: deferred for a retry, given up on, or dead.
 
         Not `go_on` (an error outside the actions, a bug): given up, the whole job
         is dead-lettered where it stands.
         """
-        p = job.progress
-        now = self.clock()
-        reason = classify(exc)
-        first = p.first_attempt_at if p.first_attempt_at is not None else now
-        attempts = p.attempts + 1
-        step = "notification" if p.phase == "notify" else "action"
-        error = f"{kind} {step}: {reason}: {exc}"[:1000]
-        if kind != "-":
-            self.metrics.action_errors.labels(kind, reason).inc()
-        permanent = isinstance(exc, PermanentActionError)
-        rule = job.rules[p.rule].rule.name if p.rule < len(job.rules) else "-"
-        if self.policy.gives_up(first, now, permanent=permanent):
-            if not go_on:
-                return self._dead_letter_now(claim, job, kind, reason, attempts, first, error)
-            self.metrics.actions.labels(kind, "failed").inc()
-            log.error("action failed for good %s (the plan goes on without it)", kv(
-                message_id=job.message_id, queue_id=job.queue_id, rule=rule, action=p.action + 1,
-                type=kind, reason=reason, attempts=attempts, error=error))
-            done = (*p.done, f"rule {rule} action {p.action + 1} {kind}: FAILED after "
-                             f"{attempts} attempt{'s' if attempts != 1 else ''}: {error}")
-            failed = (*p.failed, (p.rule, p.action, p.phase))
-            # A failed notification leaves its action's disposition standing; a failed
-            # RequestResponse Lambda gave none, and SES then goes on (CONTINUE).
-            disposition = (p.disposition or "CONTINUE") if p.phase == "notify" else "CONTINUE"
-            job = advance(job, disposition)
-            job = with_progress(job, done=done, failed=failed, last_error=error)
-            self._record(claim, job)
-            return "given-up", job
-        delay = self.policy.delay(attempts, self.rand)
-        job = with_progress(job, attempts=attempts, first_attempt_at=first, last_error=error,
-                            next_due=now + delay)
-        self._save(claim, job)
-        claim.move("deferred")
-        if kind != "-":
-            self.metrics.actions.labels(kind, "retry").inc()
-        log.warning("action failed, will retry %s", kv(
-            message_id=job.message_id, queue_id=job.queue_id, rule=rule, action=p.action + 1,
-            type=kind, reason=reason, attempts=attempts, retry_in=f"{delay:.1f}s", error=error))
-        return "deferred", job
+        failure = Failure.of(kind, job.progress.phase, classify(exc), str(exc))
+        t = jobstate.failed(job, failure, now=self.clock(), policy=self.policy, rand=self.rand,
+                            permanent=isinstance(exc, PermanentActionError), go_on=go_on)
+        if kind != NO_ACTION:
+            self.metrics.action_errors.labels(kind, failure.reason).inc()
+        if t.next is Next.GIVEN_UP:
+            self._record(claim, t.job)
+        else:
+            self._save(claim, t.job)
+            claim.move(_LEFT_IN[t.next])
+        self._report_failure(job, failure, t)
+        return t.job, t.next
 
-    def _dead_letter_now(self, claim: Claim, job: Job, kind: str, reason: str, attempts: int,
-                         first: float, error: str) -> tuple[str, Job]:
+    def _report_failure(self, job: Job, failure: Failure, t: Transition) -> None:
         p = job.progress
-        rule = job.rules[p.rule].rule.name if p.rule < len(job.rules) else "-"
-        job = with_progress(job, attempts=attempts, first_attempt_at=first, last_error=error)
-        self._save(claim, job)
-        claim.move("failed")
-        if kind != "-":
+        kind = failure.type
+        facts = {"message_id": job.message_id, "queue_id": job.queue_id,
+                 "rule": job.rules[p.rule].rule.name if p.rule < len(job.rules) else "-",
+                 "action": p.action + 1, "type": kind, "reason": failure.reason,
+                 "attempts": t.attempts}
+        if t.next is Next.RETRY:
+            if kind != NO_ACTION:
+                self.metrics.actions.labels(kind, "retry").inc()
+            log.warning("action failed, will retry %s", kv(
+                **facts, retry_in=f"{t.delay:.1f}s", error=failure.text))
+            return
+        if kind != NO_ACTION:
             self.metrics.actions.labels(kind, "failed").inc()
+        if t.next is Next.GIVEN_UP:
+            log.error("action failed for good %s (the plan goes on without it)",
+                      kv(**facts, error=failure.text))
+            return
+        self._dead_lettered()
+        log.error("job dead-lettered %s (mxrules spool requeue %s)",
+                  kv(**facts, error=failure.text), job.message_id)
+
+    def _dead_lettered(self) -> None:
         self.metrics.jobs.labels("dead_lettered").inc()
         self.metrics.dead_letters.inc()
-        log.error("job dead-lettered %s (mxrules spool requeue %s)", kv(
-            message_id=job.message_id, queue_id=job.queue_id, rule=rule, action=p.action + 1,
-            type=kind, reason=reason, attempts=attempts, error=error), job.message_id)
         if self.dead_lettered:
             self.dead_lettered()
-        return "failed", job
 
     def _dead_letter(self, claim: Claim, job: Job) -> str:
         """Every action has run or failed for good: the job waits in failed/ for an operator."""
@@ -334,12 +275,13 @@ class Runner:
         failed = [f"{job.rules[r].rule.name}#{a + 1}" + (" notification" if ph == "notify" else "")
                   for r, a, ph in p.failed]
         self._save(claim, job)
-        claim.move("failed")
-        self.metrics.jobs.labels("dead_lettered").inc()
-        self.metrics.dead_letters.inc()
+        claim.move(FAILED)
         log.error("job dead-lettered %s (mxrules spool requeue %s runs the failed actions "
                   "again)", kv(message_id=job.message_id, queue_id=job.queue_id,
                               failed=",".join(failed), error=p.last_error), job.message_id)
-        if self.dead_lettered:
-            self.dead_lettered()
-        return "failed"
+        self._dead_lettered()
+        return FAILED
+
+
+def _ms(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)

@@ -44,6 +44,7 @@ from mxrules.spool import (
     META,
     STATES,
     Claim,
+    Progress,
     Spool,
     message_time,
     retention_victims,
@@ -91,22 +92,11 @@ class SpoolCollector(Collector):
 WAKE_INTERVAL_NS = 10 * 1_000_000_000
 # The longest the retention thread sleeps: the size gauges stay this fresh.
 RETENTION_INTERVAL = 60.0
-# Failure reasons that say the endpoint was unreachable or unwell, not the job wrong.
-TRANSIENT = frozenset({"connection", "timeout", "throttled", "server-error"})
 
 
-def _waits_on(last_error: str) -> str:
-    """The action type a deferred job waits on, if its failure was transient.
-
-    last_error is "TYPE STEP: REASON: detail" (see Runner._failed); a failed
-    topic_arn notification ("S3 notification: ...") waits on SNS, not on its action.
-    """
-    head, _, rest = last_error.partition(": ")
-    reason = rest.partition(": ")[0]
-    kind, _, step = head.partition(" ")
-    if reason not in TRANSIENT:
-        return ""
-    return "SNS" if step == "notification" else kind
+def _waits_on(progress: Progress) -> str:
+    """The action type a deferred job waits on, if its last failure was transient."""
+    return progress.failure.waits_on if progress.failure else ""
 
 
 class Worker:
@@ -173,7 +163,7 @@ class Worker:
         else:
             try:
                 progress = self.spool.load(DEFERRED, job_id).progress
-                due, waits_on = progress.next_due, _waits_on(progress.last_error)
+                due, waits_on = progress.next_due, _waits_on(progress)
             except CorruptJobError:
                 due, waits_on = 0.0, ""  # claim it now; the claim moves it to corrupt/
             except SpoolError:

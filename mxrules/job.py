@@ -17,12 +17,15 @@ import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
-from typing import Any
+from enum import StrEnum
+from typing import Any, TypeVar
 
 from .errors import CorruptJobError
+from .jobstate import Disposition, Failure, Phase, Stopped
 from .rules import ACTION_TYPES, Rule
 
 JOB_VERSION = 1
+_Member = TypeVar("_Member", bound=StrEnum)
 
 def ses_timestamp(when: datetime | None = None) -> str:
     """SES's timestamp form: `2026-01-01T00:00:00.000Z`."""
@@ -55,20 +58,22 @@ class Progress:
     attempts: int = 0  # attempts of the current action
     first_attempt_at: float | None = None
     next_due: float = 0.0
-    last_error: str = ""
-    stopped: str = ""  # "" | "rule_set": a Stop or a STOP_RULE_SET ended the job
+    last_error: str = ""  # the last failure's text, for operators (Failure.text)
+    stopped: Stopped = Stopped.NO
     done: tuple[str, ...] = ()  # one line per finished action, for operators
     # AddHeader actions that ran, in order: later stored copies include them.
     added_headers: tuple[tuple[str, str], ...] = ()
-    # "action": the action at (rule, action) is next; "notify": it ran, and only
+    # ACTION: the action at (rule, action) is next; NOTIFY: it ran, and only
     # its topic_arn notification is left (so a failed publish never re-runs it).
-    phase: str = "action"
-    disposition: str = ""  # in the "notify" phase: what the action answered
+    phase: Phase = Phase.ACTION
+    disposition: Disposition = Disposition.NONE  # in the NOTIFY phase: the action's answer
     # (rule, action, phase) of the actions given up on; the plan went on without them,
     # and the job ends in failed/.
-    failed: tuple[tuple[int, int, str], ...] = ()
+    failed: tuple[tuple[int, int, Phase], ...] = ()
     # A requeued dead letter runs only these (and its AddHeaders); empty: every action.
-    only: tuple[tuple[int, int, str], ...] = ()
+    only: tuple[tuple[int, int, Phase], ...] = ()
+    # The last failure of the current step (its waits_on tells which recovery wakes it).
+    failure: Failure | None = None
 
 
 @dataclass(frozen=True)
@@ -195,6 +200,10 @@ def _choice(value: Any, where: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _member(value: Any, where: str, kind: type[_Member]) -> _Member:
+    return kind(_choice(value, where, tuple(member.value for member in kind)))
+
+
 # Field annotations whose values can be checked here, and how a mismatch is named.
 _KINDS: dict[str, tuple[tuple[type, ...], str]] = {
     "str": ((str,), "a string"), "bool": ((bool,), "true or false"),
@@ -249,7 +258,7 @@ def _matched(raw: Any, where: str) -> MatchedRule:
                        _texts(m.get("recipients"), f"{where}.recipients"))
 
 
-def _steps(value: Any, where: str) -> tuple[tuple[int, int, str], ...]:
+def _steps(value: Any, where: str) -> tuple[tuple[int, int, Phase], ...]:
     """A list of [rule, action, phase] steps (actions given up on, or to run again)."""
     if not isinstance(value, list):
         raise _Shape(f"{where}: expected a list, not {_brief(value)}")
@@ -259,8 +268,22 @@ def _steps(value: Any, where: str) -> tuple[tuple[int, int, str], ...]:
             raise _Shape(f"{where}[{i}]: expected a [rule, action, phase] step, "
                          f"not {_brief(step)}")
         steps.append((_count(step[0], f"{where}[{i}][0]"), _count(step[1], f"{where}[{i}][1]"),
-                      _choice(step[2], f"{where}[{i}][2]", ("action", "notify"))))
+                      _member(step[2], f"{where}[{i}][2]", Phase)))
     return tuple(steps)
+
+
+def _failure(raw: Any, where: str) -> Failure | None:
+    if raw is None:
+        return None
+    f = _object(raw, where)
+    transient = f.get("transient")
+    if not isinstance(transient, bool):
+        raise _Shape(f"{where}.transient: expected true or false, not {_brief(transient)}")
+    _check_fields(Failure, f, where)
+    return Failure(type=_text(f.get("type"), f"{where}.type"),
+                   phase=_member(f.get("phase"), f"{where}.phase", Phase),
+                   reason=_text(f.get("reason"), f"{where}.reason"), transient=transient,
+                   detail=_text(f.get("detail"), f"{where}.detail"))
 
 
 def _progress(raw: Any, rules: tuple[MatchedRule, ...]) -> Progress:
@@ -273,19 +296,20 @@ def _progress(raw: Any, rules: tuple[MatchedRule, ...]) -> Progress:
         first_attempt_at=None if first is None else _time(first, "progress.first_attempt_at"),
         next_due=_time(p.get("next_due", 0.0), "progress.next_due"),
         last_error=_text(p.get("last_error", ""), "progress.last_error"),
-        stopped=_choice(p.get("stopped", ""), "progress.stopped", ("", "rule_set")),
+        stopped=_member(p.get("stopped", ""), "progress.stopped", Stopped),
         done=_texts(p.get("done", []), "progress.done"),
         added_headers=_pairs(p.get("added_headers", []), "progress.added_headers"),
-        phase=_choice(p.get("phase", "action"), "progress.phase", ("action", "notify")),
-        disposition=_choice(p.get("disposition", ""), "progress.disposition",
-                            ("", "CONTINUE", "STOP_RULE", "STOP_RULE_SET")),
+        phase=_member(p.get("phase", "action"), "progress.phase", Phase),
+        disposition=_member(p.get("disposition", ""), "progress.disposition", Disposition),
         failed=_steps(p.get("failed", []), "progress.failed"),
         only=_steps(p.get("only", []), "progress.only"),
     )
+    checked["failure"] = _failure(p["failure"], "progress.failure") if "failure" in p \
+        else Failure.from_text(checked["last_error"])  # saved before failures were records
     rest = {k: v for k, v in p.items() if k not in checked}
     _check_fields(Progress, rest, "progress")
     progress = Progress(**rest, **checked)
-    if progress.phase == "notify" and not progress.stopped:
+    if progress.phase == Phase.NOTIFY and not progress.stopped:
         # Only an action with a topic_arn has a notification left to send.
         actions = rules[progress.rule].rule.actions if progress.rule < len(rules) else ()
         if progress.action >= len(actions) or not actions[progress.action].topic_arn:

@@ -46,6 +46,7 @@ from .job import (
     to_json,
     with_progress,
 )
+from .jobstate import requeued
 
 # The job record is mxrules.job's; these names stay importable from here.
 __all__ = [
@@ -530,14 +531,7 @@ class Spool:
         claim = self.claim(state, job_id)
         if claim is None:
             raise SpoolError(f"job {job_id} is held by a worker")
-        job = with_progress(claim.job, attempts=0, first_attempt_at=None, next_due=0.0)
-        p = job.progress
-        if state == FAILED and p.failed:
-            # Every other action ran: only the failed ones run again (and the AddHeaders,
-            # which shape the stored copies), from the start of the plan.
-            job = with_progress(job, rule=0, action=0, phase="action", disposition="",
-                                stopped="", added_headers=(), only=p.failed, failed=(),
-                                last_error="")
+        job = requeued(claim.job, dead_letter=state == FAILED)
         try:
             claim.save(job)
             claim.move(INCOMING)

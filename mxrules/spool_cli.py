@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from .errors import CorruptJobError, SpoolError
+from .jobstate import Next, Phase, settle
 from .spool import DEFERRED, FAILED, STATES, Job, Spool, message_time
 from .terminal import printable
 
@@ -61,14 +62,15 @@ def _age(seconds: float) -> str:
 
 
 def _next_action(job: Job) -> str:
-    p = job.progress
-    if p.stopped or p.rule >= len(job.rules):
+    """The step the worker runs next (as jobstate.settle finds it), or `-`: none is left."""
+    job, next_step = settle(job)
+    if next_step is not Next.RUN:
         return "-"
+    p = job.progress
     rule = job.rules[p.rule].rule
-    if p.action >= len(rule.actions):
-        return f"{rule.name}: end"
     kind = rule.actions[p.action].TYPE
-    return f"{rule.name} #{p.action + 1} {kind}" + (" (notify)" if p.phase == "notify" else "")
+    return f"{rule.name} #{p.action + 1} {kind}" + (" (notify)" if p.phase == Phase.NOTIFY
+                                                     else "")
 
 
 def failed_actions(job: Job) -> list[str]:

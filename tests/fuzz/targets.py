@@ -41,12 +41,12 @@ from mxrules.actions import bounce
 from mxrules.actions import dsn as dsn_module
 from mxrules.actions.base import PermanentActionError
 from mxrules.actions.lambda_invoke import disposition_of
-from mxrules.actions.runner import complete
 from mxrules.config import load
 from mxrules.decision import Engine
 from mxrules.errors import ConfigError, CorruptJobError
 from mxrules.headblock import read_head
 from mxrules.ipfilter import load_blocklist, parse_cidr, parse_ip
+from mxrules.jobstate import complete
 from mxrules.matching import ManagedDomains, split_address
 from mxrules.metrics import MilterMetrics
 from mxrules.milter.session import EomResult, Runtime, Session
