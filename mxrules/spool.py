@@ -23,17 +23,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import errno
 import fcntl
-import hashlib
 import os
 import shutil
-import stat
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import BinaryIO
 
+from . import spool_files as files
 from .errors import CorruptJobError, SpoolError
 from .ids import is_message_id
 from .job import (
@@ -47,304 +44,33 @@ from .job import (
     with_progress,
 )
 from .jobstate import requeued
+from .spool_files import (
+    ACTIVE,
+    CORRUPT,
+    DEFERRED,
+    DIRECTORIES,
+    DONE,
+    FAILED,
+    INCOMING,
+    MESSAGE,
+    META,
+    STATES,
+    TMP,
+)
+from .spool_writer import JobWriter
 
-# The job record is mxrules.job's; these names stay importable from here.
-__all__ = [
-    "ACTIVE",
-    "CORRUPT",
-    "DEFERRED",
-    "DIRECTORIES",
-    "DONE",
-    "FAILED",
-    "INCOMING",
-    "JOB_VERSION",
-    "META",
-    "STATES",
-    "TMP",
-    "Claim",
-    "Client",
-    "DeadLetter",
-    "Job",
-    "JobWriter",
-    "MatchedRule",
-    "Progress",
-    "Spool",
-    "message_time",
-    "retention_victims",
-    "ses_timestamp",
-    "to_json",
-    "with_progress",
-]
-
-# The states, one directory each, named once here (as Postfix's mail_queue.h names its
-# queues); only this module touches the directories, the others pass these names.
-TMP = "tmp"  # being received by the milter; never read by a worker
-INCOMING = "incoming"
-ACTIVE = "active"
-DEFERRED = "deferred"
-FAILED = "failed"
-CORRUPT = "corrupt"
-DONE = "done"  # finished, being removed
-# The states a job waits in: listed by `mxrules spool list`, counted by the metrics.
-STATES = (INCOMING, ACTIVE, DEFERRED, FAILED, CORRUPT)
-# Every state directory the spool has (tmp/ and done/ are passages, not waits).
-DIRECTORIES = (TMP, *STATES, DONE)
-MESSAGE = "message"
-META = "job.json"
-LOCK = "lock"
-
-
-def _remove_job_dir(path: str) -> None:
-    """Remove a job directory from done/: its files, then itself.
-
-    A job holds a few plain files, so this is a listing, an unlink each and an rmdir
-    (shutil.rmtree costs several system calls more per entry); anything unexpected,
-    such as a subdirectory, falls back to rmtree.  Leftovers are cleaned at start.
-    """
-    try:
-        for name in os.listdir(path):
-            os.unlink(os.path.join(path, name))
-        os.rmdir(path)
-    except OSError:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-# Spool files are never opened through a symbolic link.  The spool belongs to the
-# mxrules user; a link planted there must not lead a process with other rights
-# (root running `mxrules spool`, before it switches to the spool's owner) to
-# read or write a file elsewhere.  O_NONBLOCK: a FIFO planted as job.json must
-# not hang its reader (it is then refused as not a regular file).
-_NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def _create(path: str) -> BinaryIO:
-    """A new file at `path` for writing; whatever is there already (a link too) is refused."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, 0o666)
-    return os.fdopen(fd, "wb")
-
-
-def _read_job_file(path: str, job_id: str) -> bytes:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW)
-    except FileNotFoundError:
-        raise CorruptJobError(job_id, "job.json is missing") from None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise CorruptJobError(job_id, "job.json is a symbolic link") from None
-        raise SpoolError(f"cannot read job {job_id}: {exc}") from exc
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise CorruptJobError(job_id, "job.json is not a regular file")
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    except OSError as exc:
-        raise SpoolError(f"cannot read job {job_id}: {exc}") from exc
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-class _SharedDirSync:
-    """fsync of one directory, shared by the commits that need it at the same time.
-
-    A commit needs its rename in the directory durable before Postfix may
-    answer 250, and any fsync of the directory that starts after the rename
-    makes it so.  Under load many milter threads commit at once: each takes a
-    ticket after its rename; one of them runs the fsync for every ticket taken
-    before it started, and the others wait for it instead of queueing fsyncs
-    of their own.  A ticket that the running fsync does not cover (taken after
-    it started) gets the next one.  A failed fsync covers nothing: a waiter
-    then runs its own and gets its own error.
-    """
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._cond = threading.Condition()
-        self._tickets = 0  # handed out so far
-        self._durable = 0  # every ticket up to this one is covered by a completed fsync
-        self._running = False
-
-    def sync(self) -> None:
-        with self._cond:
-            self._tickets += 1
-            ticket = self._tickets
-            while self._running and self._durable < ticket:
-                self._cond.wait()
-            if self._durable >= ticket:
-                return
-            self._running = True
-            covers = self._tickets  # every rename before this instant
-        done = False
-        try:
-            _fsync_dir(self.path)
-            done = True
-        finally:
-            with self._cond:
-                self._running = False
-                if done:
-                    self._durable = max(self._durable, covers)
-                self._cond.notify_all()
-
-
-class JobWriter:
-    """One message being received: streamed to tmp/, committed by rename.
-
-    Memory stays flat whatever the message size: chunks go straight to the
-    file, and the hash and size are computed as they pass.
-    """
-
-    def __init__(self, spool: Spool, message_id: str) -> None:
-        self.spool = spool
-        self.message_id = message_id
-        self.dir = os.path.join(spool.root, TMP, message_id)
-        self.size = 0
-        self._hash = hashlib.sha256()
-        # The session's thread writes and commits; the stopping milter's main
-        # thread may drop the reception (`abandon`) at any moment: never in the
-        # middle of a commit, and never once it is committed.
-        self._lock = threading.Lock()
-        self._open = True  # until committed or dropped
-        os.mkdir(self.dir, 0o700)
-        try:
-            self._fh = _create(os.path.join(self.dir, MESSAGE))
-        except OSError:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            raise
-
-    def write(self, data: bytes) -> None:
-        with self._lock:
-            self._check_open()
-            self._fh.write(data)
-            self._hash.update(data)
-            self.size += len(data)
-
-    def _check_open(self) -> None:
-        if not self._open:
-            raise OSError(errno.ECANCELED, f"reception {self.message_id} was dropped "
-                          "(the milter is stopping)")
-
-    @property
-    def sha256(self) -> str:
-        return self._hash.hexdigest()
-
-    @property
-    def message_path(self) -> str:
-        return os.path.join(self.dir, MESSAGE)
-
-    def flush(self) -> None:
-        """Make what was written readable by other processes (the scanners)."""
-        with self._lock:
-            self._check_open()
-            self._fh.flush()
-
-    def commit(self, job: Job) -> str:
-        """Make the job durable and visible to workers; returns its path.
-
-        Order matters: file data, then job.json, then the job directory, then
-        the rename into incoming/ and the fsync of both parent directories.
-        Only after all of them may Postfix answer 250.
-        """
-        with self._lock:
-            if not self._open:
-                raise SpoolError(f"cannot commit job {self.message_id}: the reception was "
-                                 "dropped (the milter is stopping)")
-            try:
-                return self._commit(job)
-            finally:
-                # Committed, dropped, or (a failed fsync) perhaps in incoming/ all
-                # the same: from here on it is never written or removed.
-                self._open = False
-                self.spool.received(self)
-
-    def _commit(self, job: Job) -> str:
-        try:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-            self._fh.close()
-            meta = os.path.join(self.dir, META)
-            with _create(meta) as fh:
-                fh.write(job.encode())
-                fh.flush()
-                os.fsync(fh.fileno())
-            _fsync_dir(self.dir)
-            target = os.path.join(self.spool.root, INCOMING, self.message_id)
-            os.rename(self.dir, target)
-        except (OSError, ValueError) as exc:  # ValueError: a job.json that cannot be encoded
-            self._discard()
-            raise SpoolError(f"cannot commit job {self.message_id}: {exc}") from exc
-        return self._make_durable(target)
-
-    def _make_durable(self, target: str) -> str:
-        """fsync the rename into incoming/; if that fails, take the job back.
-
-        A worker may see the job from the rename on: failing the commit while
-        leaving the job there would answer 451 for a message that still runs,
-        and the client's retry would run it twice.  Taken back into tmp/, it
-        is gone for good; if a worker already took it into active/, it runs,
-        and the commit stands.
-        """
-        try:
-            self.spool.dir_sync(INCOMING)
-        except OSError as exc:
-            try:
-                os.rename(target, self.dir)
-            except FileNotFoundError:
-                return target  # a worker has it: answering 451 now would duplicate it
-            except OSError:
-                pass  # neither durable nor taken back: the job may run; 451 all the same
-            else:
-                self._discard()
-            raise SpoolError(f"cannot commit job {self.message_id}: {exc}") from exc
-        # The job is durable in incoming/.  Should the old name in tmp/ come back
-        # after a crash, the janitor removes it (clean_tmp): nothing to fail on.
-        with contextlib.suppress(OSError):
-            self.spool.dir_sync(TMP)
-        return target
-
-    def abort(self) -> None:
-        """Forget a message that will not be accepted (or whose commit failed).
-
-        On a full disk close() fails too, flushing what is still buffered (the
-        file is closed all the same): that data is being thrown away anyway, and
-        the reception must still leave tmp/ now, not at the janitor's next pass.
-        """
-        with self._lock:
-            self._discard()
-
-    def abandon(self) -> bool:
-        """Drop the reception unless it is committed: False if it was (waits for a commit
-        in progress, which is then whole in incoming/)."""
-        with self._lock:
-            if not self._open:
-                return False
-            self._discard()
-            return True
-
-    def _discard(self) -> None:
-        """abort() with the lock held; nothing once committed or dropped."""
-        if not self._open:
-            return
-        self._open = False
-        if not self._fh.closed:
-            with contextlib.suppress(OSError):
-                self._fh.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.spool.received(self)
+# The job record is mxrules.job's, the names of states and files mxrules.spool_files',
+# the reception mxrules.spool_writer's; these names stay importable from here.
+__all__ = ["ACTIVE", "CORRUPT", "DEFERRED", "DIRECTORIES", "DONE", "FAILED", "INCOMING",
+           "JOB_VERSION", "META", "STATES", "TMP", "Claim", "Client", "DeadLetter", "Job",
+           "JobWriter", "MatchedRule", "Progress", "Spool", "message_time", "retention_victims",
+           "ses_timestamp", "to_json", "with_progress"]
 
 
 class Spool:
     def __init__(self, root: str) -> None:
         self.root = root
-        self._dir_syncs = {d: _SharedDirSync(os.path.join(root, d)) for d in (INCOMING, TMP)}
+        self._dir_syncs = {d: files.SharedDirSync(os.path.join(root, d)) for d in (INCOMING, TMP)}
         # The receptions in tmp/ that this process has open, for stop_receiving().
         self._receiving: set[JobWriter] = set()
         self._receiving_lock = threading.Lock()
@@ -416,7 +142,7 @@ class Spool:
         return None
 
     def load(self, state: str, job_id: str) -> Job:
-        raw = _read_job_file(os.path.join(self.path(state, job_id), META), job_id)
+        raw = files.read_job_file(os.path.join(self.path(state, job_id), META), job_id)
         job = Job.decode(raw, job_id)
         if job.message_id != job_id:
             # The worker saves progress by the job's own id: it must be its directory's.
@@ -472,12 +198,9 @@ class Spool:
         worker is simply claimed again (its in-flight action may run twice).
         """
         directory = self.path(state, job_id)
-        try:
-            fd = os.open(os.path.join(directory, LOCK), os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
-        except (FileNotFoundError, NotADirectoryError):
+        fd = files.open_lock(directory, job_id)
+        if fd is None:
             return None  # taken and finished or moved by another worker meanwhile
-        except OSError as exc:  # ELOOP: a link planted as the lock; EACCES: not the owner's
-            raise SpoolError(f"cannot open lock of job {job_id}: {exc}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -507,7 +230,7 @@ class Spool:
 
     def move(self, job_id: str, src: str, dst: str) -> None:
         os.rename(self.path(src, job_id), self.path(dst, job_id))
-        _fsync_dir(os.path.join(self.root, dst))
+        files.fsync_dir(os.path.join(self.root, dst))
 
     def save(self, state: str, job: Job) -> None:
         """Replace a job's job.json atomically (write, fsync, rename, fsync dir)."""
@@ -515,12 +238,12 @@ class Spool:
         tmp = os.path.join(directory, META + ".tmp")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)  # left by a crash, or planted: replaced, never written through
-        with _create(tmp) as fh:
+        with files.create(tmp) as fh:
             fh.write(job.encode())
             fh.flush()
             os.fsync(fh.fileno())
         os.rename(tmp, os.path.join(directory, META))
-        _fsync_dir(directory)
+        files.fsync_dir(directory)
 
     def requeue(self, job_id: str) -> Job:
         """Give a dead letter (or a deferred job) another full retry window, now."""
@@ -583,12 +306,9 @@ class Spool:
         into done/, never into active/, where a worker would run it again.
         """
         directory = self.path(FAILED, job_id)
-        try:
-            fd = os.open(os.path.join(directory, LOCK), os.O_RDWR | os.O_CREAT | _NOFOLLOW, 0o600)
-        except (FileNotFoundError, NotADirectoryError):
+        fd = files.open_lock(directory, job_id)
+        if fd is None:
             return False
-        except OSError as exc:
-            raise SpoolError(f"cannot open lock of job {job_id}: {exc}") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             target = os.path.join(self.root, DONE, job_id)
@@ -600,8 +320,8 @@ class Spool:
             raise SpoolError(f"cannot remove dead letter {job_id}: {exc}") from exc
         finally:
             os.close(fd)
-        _fsync_dir(os.path.join(self.root, FAILED))
-        _remove_job_dir(target)
+        files.fsync_dir(os.path.join(self.root, FAILED))
+        files.remove_job_dir(target)
         return True
 
 
@@ -687,8 +407,8 @@ class Claim:
             self.release()
             raise
         try:
-            _fsync_dir(os.path.join(self.spool.root, self.state))
-            _remove_job_dir(target)
+            files.fsync_dir(os.path.join(self.spool.root, self.state))
+            files.remove_job_dir(target)
         finally:
             self.release()
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from mxrules import spool as spool_mod
+from mxrules import spool_files
 from mxrules.errors import SpoolError
 from mxrules.ids import new_message_id
 from mxrules.spool import Client, Job, Spool, ses_timestamp
@@ -42,8 +42,8 @@ def test_every_sync_returns_after_an_fsync_that_started_after_it(
         with lock:
             completed.append((start, end))
 
-    monkeypatch.setattr(spool_mod, "_fsync_dir", fake_fsync)
-    shared = spool_mod._SharedDirSync(str(tmp_path))
+    monkeypatch.setattr(spool_files, "fsync_dir", fake_fsync)
+    shared = spool_files.SharedDirSync(str(tmp_path))
     violations: list[str] = []
     failures = [0]
     n_threads, per_thread = 20, 40
@@ -78,9 +78,9 @@ def test_a_failed_fsync_is_the_callers_error(tmp_path: Path,
     def failing(path: str) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(spool_mod, "_fsync_dir", failing)
+    monkeypatch.setattr(spool_files, "fsync_dir", failing)
     with pytest.raises(OSError, match="No space"):
-        spool_mod._SharedDirSync(str(tmp_path)).sync()
+        spool_files.SharedDirSync(str(tmp_path)).sync()
 
 
 def test_an_fsync_already_running_at_the_rename_does_not_cover_it(
@@ -93,8 +93,8 @@ def test_an_fsync_already_running_at_the_rename_does_not_cover_it(
         if len(started) == 1:
             assert release.wait(5)  # the first fsync is slow: B renames meanwhile
 
-    monkeypatch.setattr(spool_mod, "_fsync_dir", fake_fsync)
-    shared = spool_mod._SharedDirSync(str(tmp_path))
+    monkeypatch.setattr(spool_files, "fsync_dir", fake_fsync)
+    shared = spool_files.SharedDirSync(str(tmp_path))
     a = threading.Thread(target=shared.sync)
     a.start()
     deadline = time.monotonic() + 5
@@ -121,7 +121,7 @@ def _commit_with_failing_fsync(root: Path, monkeypatch: pytest.MonkeyPatch, fail
     spool = Spool(str(root))
     spool.ensure()
     writer = spool.new_job(new_message_id())
-    real = spool_mod._fsync_dir
+    real = spool_files.fsync_dir
 
     def fsync(path: str) -> None:
         if os.path.basename(path) == failing:
@@ -129,7 +129,7 @@ def _commit_with_failing_fsync(root: Path, monkeypatch: pytest.MonkeyPatch, fail
             raise OSError(5, "Input/output error")
         real(path)
 
-    monkeypatch.setattr(spool_mod, "_fsync_dir", fsync)
+    monkeypatch.setattr(spool_files, "fsync_dir", fsync)
     writer.write(b"Subject: x\r\n\r\nbody\r\n")
     job = Job(message_id=writer.message_id, queue_id="Q1", received_at=ses_timestamp(),
               rule_set="default", mail_from="a@example.net", recipients=("b@example.com",),
