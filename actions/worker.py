@@ -26,65 +26,25 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry
-from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 from mxrules import config as config_mod
 from mxrules.config import Config
 from mxrules.errors import EX_UNAVAILABLE, ConfigError, CorruptJobError, SpoolError
+from mxrules.job import Progress
 from mxrules.metrics import WorkerMetrics
 from mxrules.service import kv, notify_ready, serve_metrics, setup_logging
-from mxrules.spool import (
-    ACTIVE,
-    DEFERRED,
-    INCOMING,
-    META,
-    STATES,
-    Claim,
-    Progress,
-    Spool,
-    message_time,
-    retention_victims,
-)
+from mxrules.spool import Claim, Spool, retention_victims
+from mxrules.spool_files import ACTIVE, DEFERRED, INCOMING, META
 
 from .aws import Clients
 from .bounce_limit import BounceLimiter
 from .retry import RetryPolicy
 from .runner import Runner
+from .spool_gauges import SpoolCollector
 
 log = logging.getLogger("mxrules.worker")
-
-
-class SpoolCollector(Collector):
-    """Jobs per state and the age of the oldest, read from the spool at scrape time."""
-
-    def __init__(self, spool: Spool) -> None:
-        self.spool = spool
-
-    def collect(self) -> Iterable[GaugeMetricFamily]:
-        count = GaugeMetricFamily(
-            "mxrules_spool_jobs",
-            "Jobs in the spool, by state (incoming: waiting for a worker; active: being "
-            "worked on; deferred: waiting to retry; failed: dead letters; corrupt: unreadable).",
-            labels=["state"])
-        oldest = GaugeMetricFamily(
-            "mxrules_spool_oldest_job_age_seconds",
-            "Time since the milter accepted the oldest job in each state (0 when the state "
-            "has no job).", labels=["state"])
-        now = time.time()
-        for state in STATES:
-            try:
-                ids = self.spool.ids(state)
-            except SpoolError:
-                ids = []
-            count.add_metric([state], len(ids))
-            age = now - min(message_time(i) for i in ids) if ids else 0.0
-            oldest.add_metric([state], max(0.0, age))
-        yield count
-        yield oldest
 
 
 # After a retried action succeeds, the jobs waiting on its type are woken at most
