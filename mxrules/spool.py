@@ -28,7 +28,6 @@ import os
 import shutil
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from . import spool_files as files
 from .errors import CorruptJobError, SpoolError
@@ -44,6 +43,7 @@ from .job import (
     with_progress,
 )
 from .jobstate import requeued
+from .retention import DeadLetter, retention_victims
 from .spool_files import (
     ACTIVE,
     CORRUPT,
@@ -290,7 +290,7 @@ class Spool:
             try:
                 # job.json is saved just before the move to failed/: its time is the
                 # dead-lettering's (a rename leaves the directory's own times alone).
-                since = _mtime(os.path.join(path, META), path)
+                since = files.mtime(os.path.join(path, META), path)
                 size = sum(entry.stat(follow_symlinks=False).st_size
                            for entry in os.scandir(path) if not entry.is_dir())
             except OSError:
@@ -323,39 +323,6 @@ class Spool:
         files.fsync_dir(os.path.join(self.root, FAILED))
         files.remove_job_dir(target)
         return True
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    job_id: str
-    since: float  # when it was moved to failed/ (Unix time)
-    size: int  # bytes of its files
-
-
-def retention_victims(letters: list[DeadLetter], max_age: float, max_size: int,
-                      now: float) -> list[tuple[DeadLetter, str]]:
-    """The dead letters retention removes, oldest first, each with why ("age" or "size").
-
-    First every one older than `max_age` seconds, then the oldest of the rest until
-    the others together take at most `max_size` bytes.  0 turns a limit off.
-    """
-    ordered = sorted(letters, key=lambda letter: (letter.since, letter.job_id))
-    victims = [(letter, "age") for letter in ordered if max_age and now - letter.since > max_age]
-    kept = ordered[len(victims):]
-    total = sum(letter.size for letter in kept)
-    for letter in kept:
-        if not max_size or total <= max_size:
-            break
-        victims.append((letter, "size"))
-        total -= letter.size
-    return victims
-
-
-def _mtime(path: str, fallback: str) -> float:
-    try:
-        return os.lstat(path).st_mtime
-    except FileNotFoundError:
-        return os.lstat(fallback).st_mtime
 
 
 class Claim:

@@ -145,3 +145,10 @@ class SharedDirSync:
                 if done:
                     self._durable = max(self._durable, covers)
                 self._cond.notify_all()
+
+
+def mtime(path: str, fallback: str) -> float:
+    try:
+        return os.lstat(path).st_mtime
+    except FileNotFoundError:
+        return os.lstat(fallback).st_mtime
