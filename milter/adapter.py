@@ -20,8 +20,16 @@ from typing import Any, ClassVar, TypeVar
 import Milter
 
 from mxrules.decision import Reply
+from mxrules.lifecycle import (
+    DeleteRecipient,
+    Discard,
+    InsertHeader,
+    Manipulation,
+    Outcome,
+    RemoveHeader,
+)
 
-from .session import EomResult, Runtime, Session, postfix_form
+from .session import Runtime, Session, postfix_form
 
 F = TypeVar("F", bound=Callable[..., Any])
 _conn_ids = itertools.count(1)
@@ -137,28 +145,30 @@ class MxrulesMilter(Milter.Base):
             self.session.after_commit_failed("bookkeeping", result.message_id, exc)
         return Milter.DISCARD if result.discard else Milter.CONTINUE
 
-    def _edit(self, result: EomResult) -> None:
-        """Apply the changes to Postfix's copy of a stored message.
+    def _edit(self, result: Outcome) -> None:
+        """Apply the changes to Postfix's copy of a stored message, in their order.
 
-        Each change is tried on its own: one that fails (libmilter or Postfix
-        refusing it) is logged and counted, and the rest still go through.
+        The order is the outcome's (mxrules/lifecycle.py says why).  Each change
+        is tried on its own: one that fails (libmilter or Postfix refusing it)
+        is logged and counted, and the rest still go through.  A discard is
+        the reply to end of data, not a call: `eom` answers it.
         """
-        # Deletions first: Postfix applies changes in the order they come, and
-        # an occurrence index counts the headers present at that moment (ours
-        # inserted before would shift it onto our own Authentication-Results).
-        for name, index in result.remove_headers:  # highest index first
-            self._try("remove-header", result, self.chgheader, name, index, None)
-        # Insert below Postfix's own Received: header (index 0), in order.
-        for offset, (name, value) in enumerate(result.add_headers, start=1):
-            self._try("add-header", result, self.addheader, name, value, offset)
-        for recipient in result.delete_recipients:
-            self._try("remove-recipient", result, self.delrcpt, recipient)
+        for change in result.manipulations:
+            try:
+                self._encode(change)
+            except Exception as exc:
+                self.session.after_commit_failed(change.step, result.message_id, exc)
 
-    def _try(self, step: str, result: EomResult, call: Callable[..., Any], *args: Any) -> None:
-        try:
-            call(*args)
-        except Exception as exc:
-            self.session.after_commit_failed(step, result.message_id, exc)
+    def _encode(self, change: Manipulation) -> None:
+        match change:
+            case RemoveHeader(name, occurrence):
+                self.chgheader(name, occurrence, None)
+            case InsertHeader(name, value, index):
+                self.addheader(name, value, index)
+            case DeleteRecipient(recipient):
+                self.delrcpt(recipient)
+            case Discard():
+                pass
 
     @_edge("abort")
     def abort(self) -> int:

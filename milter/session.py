@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import astuple, dataclass, field
 
-from mxrules import authres, forwarded
+from mxrules import authres, forwarded, lifecycle
 from mxrules.decision import (
     CONTINUE,
     TEMPFAIL_INTERNAL,
@@ -42,6 +42,7 @@ from mxrules.decision import (
 from mxrules.errors import SpoolError
 from mxrules.ids import new_message_id
 from mxrules.ipfilter import IPAddress, parse_ip
+from mxrules.lifecycle import Outcome
 from mxrules.matching import bare
 from mxrules.metrics import BILLING_CHUNK, MilterMetrics
 from mxrules.payload import prefix_floor, stored_copy_prefix
@@ -73,15 +74,8 @@ class Runtime:
         self.engine = engine
 
 
-@dataclass(frozen=True)
-class EomResult:
-    reply: Reply
-    add_headers: tuple[tuple[str, str], ...] = ()
-    delete_recipients: tuple[str, ...] = ()
-    discard: bool = False
-    message_id: str = ""
-    # (header name, 1-based occurrence) to delete from Postfix's copy.
-    remove_headers: tuple[tuple[str, int], ...] = ()
+# The end-of-data outcome (mxrules/lifecycle.py); the name callers know it by.
+EomResult = Outcome
 
 
 @dataclass
@@ -413,26 +407,12 @@ class Session:
 
     def _edits(self, msg: _Message, headers: Sequence[tuple[str, str]],
                message_id: str) -> tuple[EomResult, tuple[str, ...]]:
-        """The changes to Postfix's copy, and the recipients that cannot be removed.
-
-        consume: with no recipient left for Postfix its copy is discarded;
-        otherwise each handled recipient is removed as Postfix recorded it.
-        pymilter passes a recipient to libmilter as UTF-8 only: one whose
-        bytes are not (SMTPUTF8 off in Postfix) cannot be named, and stays.
-        """
-        consume = msg.engine.config.delivery == "consume"
-        others = any(d.outcome == "unmanaged" for d in msg.decisions)
-        delete: list[str] = []
-        kept: list[str] = []
-        if consume and others:
-            for decision, form in zip(msg.decisions, msg.recorded, strict=True):
-                if decision.handled and form not in delete and form not in kept:
-                    (delete if _passable(form) else kept).append(form)
-        # Per name, the highest occurrence first: a deletion renumbers those below it.
-        remove = tuple(sorted(msg.forged, key=lambda f: (f[0], -f[1])))
-        result = EomResult(CONTINUE, tuple(headers), tuple(delete), consume and not others,
-                           message_id, remove)
-        return result, tuple(kept)
+        """The outcome for Postfix's copy, and the recipients that cannot be removed."""
+        delete, kept, discard = lifecycle.recipients_to_remove(
+            msg.decisions, msg.recorded, msg.engine.config.delivery == "consume")
+        result = lifecycle.stored(message_id, forged=msg.forged, headers=headers,
+                                  delete=delete, discard=discard)
+        return result, kept
 
     def _spooled(self, msg: _Message, plan: Sequence[RulePlan], job: Job, result: EomResult,
                  kept: tuple[str, ...], started: float) -> None:
@@ -479,7 +459,7 @@ class Session:
         """
         out = []
         for name, value in headers:
-            if _HEADER_NAME.fullmatch(name) and _passable(value) \
+            if _HEADER_NAME.fullmatch(name) and lifecycle.passable(value) \
                     and not has_header_controls(value):
                 out.append((name, value))
             else:
@@ -638,11 +618,6 @@ def postfix_form(raw: str) -> str:
     return text
 
 
-def _passable(text: str) -> bool:
-    """Can pymilter hand `text` to libmilter (a C string, encoded as UTF-8)?"""
-    return "\0" not in text and not _SURROGATE.search(text)
-
-
 # RFC 5322 field name: printable ASCII but the colon.  A value is one line: no
 # CR or LF (mxrules never folds), no other control but TAB, no DEL.
 _HEADER_NAME = re.compile(r"[!-9;-~]+")
@@ -656,14 +631,11 @@ def _utf8(text: str) -> str:
     cannot carry those lone surrogates, so one would make every delivery
     attempt of the message fail.
     """
-    return _SURROGATE.sub("\ufffd", text)
+    return lifecycle.SURROGATE.sub("\ufffd", text)
 
 
 def _utf8_client(client: Client) -> Client:
     return Client(*(_utf8(value) for value in astuple(client)))
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _crlf(value: bytes) -> bytes:

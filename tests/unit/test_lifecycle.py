@@ -1,0 +1,108 @@
+"""The end-of-data outcome: which changes to Postfix's copy, and in which order."""
+
+from __future__ import annotations
+
+import pytest
+
+from mxrules.decision import CONTINUE, TEMPFAIL_SPOOL, RcptDecision
+from mxrules.lifecycle import (
+    DeleteRecipient,
+    Discard,
+    InsertHeader,
+    Manipulation,
+    Outcome,
+    RemoveHeader,
+    passable,
+    recipients_to_remove,
+    stored,
+)
+
+AR = "Authentication-Results"
+SES = "X-SES-Spam-Verdict"
+
+
+@pytest.mark.parametrize(("forged", "headers", "delete", "discard", "expected"), [
+    pytest.param([], [], [], False, [], id="nothing-to-change"),
+    pytest.param([], [("X-A", "1"), ("X-B", "2")], [], False,
+                 [InsertHeader("X-A", "1", 1), InsertHeader("X-B", "2", 2)],
+                 id="inserted-below-postfix-received-in-order"),
+    pytest.param([(AR, 1), (AR, 3), (AR, 2)], [], [], False,
+                 [RemoveHeader(AR, 3), RemoveHeader(AR, 2), RemoveHeader(AR, 1)],
+                 id="per-name-highest-occurrence-first"),
+    pytest.param([(SES, 1), (AR, 1), (AR, 2)], [("X-A", "1")], [], False,
+                 [RemoveHeader(AR, 2), RemoveHeader(AR, 1), RemoveHeader(SES, 1),
+                  InsertHeader("X-A", "1", 1)],
+                 id="removals-before-insertions"),
+    pytest.param([(AR, 1)], [("X-A", "1")], ["a@example.com", "B@example.com"], False,
+                 [RemoveHeader(AR, 1), InsertHeader("X-A", "1", 1),
+                  DeleteRecipient("a@example.com"), DeleteRecipient("B@example.com")],
+                 id="recipients-after-headers"),
+    pytest.param([], [("X-A", "1")], [], True,
+                 [InsertHeader("X-A", "1", 1), Discard()], id="discard-last"),
+])
+def test_a_stored_outcome_orders_its_changes(
+        forged: list[tuple[str, int]], headers: list[tuple[str, str]], delete: list[str],
+        discard: bool, expected: list[Manipulation]) -> None:
+    outcome = stored("m1", forged=forged, headers=headers, delete=delete, discard=discard)
+    assert outcome.reply == CONTINUE and outcome.message_id == "m1"
+    assert list(outcome.manipulations) == expected
+    assert outcome.discard is discard
+
+
+def test_the_views_read_the_changes_in_order() -> None:
+    outcome = stored("m1", forged=[(AR, 1), (AR, 2)], headers=[("X-A", "1"), ("X-B", "2")],
+                     delete=["r@example.com"], discard=False)
+    assert outcome.remove_headers == ((AR, 2), (AR, 1))
+    assert outcome.add_headers == (("X-A", "1"), ("X-B", "2"))
+    assert outcome.delete_recipients == ("r@example.com",)
+
+
+def test_a_refusal_changes_nothing() -> None:
+    outcome = Outcome(TEMPFAIL_SPOOL)
+    assert (outcome.manipulations, outcome.message_id, outcome.discard) == ((), "", False)
+
+
+@pytest.mark.parametrize(("step", "change"), [
+    pytest.param("remove-header", RemoveHeader(AR, 1), id="remove-header"),
+    pytest.param("add-header", InsertHeader("X-A", "1", 1), id="add-header"),
+    pytest.param("remove-recipient", DeleteRecipient("a@example.com"), id="remove-recipient"),
+    pytest.param("discard", Discard(), id="discard"),
+])
+def test_each_change_names_its_post_commit_step(step: str, change: Manipulation) -> None:
+    # The label of mxrules_post_commit_errors_total when the change fails after the commit.
+    assert change.step == step
+
+
+def _rcpt(address: str, outcome: str) -> RcptDecision:
+    return RcptDecision(address, outcome, (), CONTINUE)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("rcpts", "consume", "expected"), [
+    pytest.param([("a@example.com", "accepted")], True, ((), (), True),
+                 id="consume-all-handled-discards"),
+    pytest.param([("a@example.com", "accepted")], False, ((), (), False),
+                 id="deliver-keeps-everything"),
+    pytest.param([("A@Example.com", "accepted"), ("f@other.test", "unmanaged")], True,
+                 (("A@Example.com",), (), False), id="consume-removes-handled-as-recorded"),
+    pytest.param([("a@example.com", "accepted"), ("a@example.com", "accepted"),
+                  ("f@other.test", "unmanaged")], True,
+                 (("a@example.com",), (), False), id="each-form-once"),
+    pytest.param([("us\udcffr@example.com", "accepted"), ("f@other.test", "unmanaged")], True,
+                 ((), ("us\udcffr@example.com",), False), id="not-utf8-kept"),
+    pytest.param([("a@example.com", "accepted"), ("f@other.test", "unmanaged")], False,
+                 ((), (), False), id="deliver-removes-nothing"),
+])
+def test_recipients_to_remove(rcpts: list[tuple[str, str]], consume: bool,
+                              expected: tuple[tuple[str, ...], tuple[str, ...], bool]) -> None:
+    decisions = [_rcpt(address, outcome) for address, outcome in rcpts]
+    assert recipients_to_remove(decisions, [a for a, _ in rcpts], consume) == expected
+
+
+@pytest.mark.parametrize(("text", "ok"), [
+    pytest.param("a@example.com", True, id="ascii"),
+    pytest.param("jöran@example.com", True, id="utf8"),
+    pytest.param("a\0b", False, id="nul"),
+    pytest.param("a\udcffb", False, id="surrogate"),
+])
+def test_passable(text: str, ok: bool) -> None:
+    assert passable(text) is ok
