@@ -307,27 +307,15 @@ class Session:
         if msg.blocked is not None:
             return self._blocked(msg, msg.blocked)
         if msg.failed is None and not msg.handled:
-            if msg.writer is not None:
-                msg.writer.abort()
-            self.rt.metrics.messages.labels("passed").inc()
-            self._log(logging.INFO, "eom", sender=msg.sender, result="passed",
-                      reason="no-managed-recipient")
-            return EomResult(CONTINUE)
+            return self._end(msg, "no-managed-recipient", CONTINUE, sender=msg.sender,
+                             result="passed", reason="no-managed-recipient")
         if msg.failed is not None:
-            result = "rejected" if msg.failed.verb == "reject" else "tempfail"
-            self.rt.metrics.messages.labels(result).inc()
-            if msg.failed is TEMPFAIL_SPOOL:
-                self.rt.metrics.spool_failures.inc()
-            elif msg.failed is TOO_BIG:
-                self.rt.metrics.rejections.labels("data", "size").inc()
-            self._log(logging.WARNING if result == "tempfail" else logging.INFO, "eom",
-                      sender=msg.sender, result=result, reply=msg.failed)
-            return EomResult(msg.failed)
+            ending = _FAILED.get(msg.failed, "internal-error")
+            return self._end(msg, ending, msg.failed, sender=msg.sender,
+                             result=lifecycle.ENDINGS[ending].result, reply=msg.failed)
         writer = msg.writer or self._writer_for(msg)
-        if writer is None:
-            self.rt.metrics.messages.labels("tempfail").inc()
-            self.rt.metrics.spool_failures.inc()
-            return EomResult(TEMPFAIL_SPOOL)
+        if writer is None:  # the spool refused the file: _spool_failed logged it
+            return self._end(msg, "spool-unwritable", TEMPFAIL_SPOOL)
         engine = msg.engine
         plan = engine.plan(msg.handled)
         headers = in_stream_headers(plan)
@@ -337,23 +325,22 @@ class Session:
         auth_headers: tuple[tuple[str, str], ...] = ()
         scan, authenticate = engine.scan_wanted(plan), engine.auth_wanted(plan)
         if scan or authenticate:
-            if not self._flushed(writer):
-                return EomResult(TEMPFAIL_SPOOL)
+            try:
+                # What is buffered goes to the file the scanners read; a disk that
+                # refuses it now would refuse the commit.
+                writer.flush()
+            except OSError as exc:
+                return self._end(msg, "spool-unwritable", TEMPFAIL_SPOOL,
+                                 result="tempfail", error=exc)
             outcome = self._scan(msg, writer, client, recipients, scan, authenticate)
             if outcome is None:  # every scan slot stayed busy for scan.wait_timeout
-                writer.abort()
-                self.rt.metrics.messages.labels("tempfail").inc()
-                self.rt.metrics.scan_slot_timeouts.inc()
-                self._log(logging.WARNING, "eom", sender=msg.sender, result="tempfail",
-                          reason="scan-slots-busy")
-                return EomResult(TEMPFAIL_SCAN)
+                return self._end(msg, "scan-slots-busy", TEMPFAIL_SCAN, sender=msg.sender,
+                                 result="tempfail", reason="scan-slots-busy")
             # on_failure is the scanning rules' choice: authentication alone never tempfails.
             if scan and outcome.failed and engine.config.scan.on_failure == "tempfail":
-                writer.abort()
-                self.rt.metrics.messages.labels("tempfail").inc()
-                self._log(logging.WARNING, "eom", sender=msg.sender, result="tempfail",
-                          reason="scan-failed", scanners=",".join(outcome.failed))
-                return EomResult(TEMPFAIL_SCAN)
+                return self._end(msg, "scan-failed", TEMPFAIL_SCAN, sender=msg.sender,
+                                 result="tempfail", reason="scan-failed",
+                                 scanners=",".join(outcome.failed))
             verdicts = outcome.statuses()
             auth_headers = outcome.auth_headers
             headers = [*outcome.headers(), *headers]
@@ -383,22 +370,16 @@ class Session:
             # headers included): refused now, before it is stored, not bounced later.
             # Not a trusted forwarder's: it would send the DSN to whatever sender the
             # mail claims; the worker's bounce checks the sender first.
-            writer.abort()
-            self.rt.metrics.messages.labels("rejected").inc()
-            self.rt.metrics.rejections.labels("data", "too-big").inc()
-            self._log(logging.INFO, "eom", sender=msg.sender, result="reject",
-                      reason="too-big", size=job.message_size, reply=TOO_BIG_FOR_ACTIONS)
-            return EomResult(TOO_BIG_FOR_ACTIONS)
+            return self._end(msg, "too-big-for-actions", TOO_BIG_FOR_ACTIONS,
+                             sender=msg.sender, result="reject", reason="too-big",
+                             size=job.message_size, reply=TOO_BIG_FOR_ACTIONS)
         edits, kept = self._edits(msg, headers, job.message_id)
         started = time.monotonic()
         try:
             writer.commit(job)
         except SpoolError as exc:
-            self.rt.metrics.messages.labels("tempfail").inc()
-            self.rt.metrics.spool_failures.inc()
-            self._log(logging.ERROR, "eom", message_id=job.message_id, result="tempfail",
-                      error=exc)
-            return EomResult(TEMPFAIL_SPOOL)
+            return self._end(msg, "spool-unwritable", TEMPFAIL_SPOOL,
+                             message_id=job.message_id, result="tempfail", error=exc)
         try:
             self._spooled(msg, plan, job, edits, kept, started)
         except Exception as exc:  # the job is stored: the answer stays "stored"
@@ -468,19 +449,6 @@ class Session:
                           "bytes that are not UTF-8)")
         return out
 
-    def _flushed(self, writer: JobWriter) -> bool:
-        """Put what is buffered in the file the scanners read; False (counted, logged,
-        the file dropped) when the disk refuses it, as the commit would have."""
-        try:
-            writer.flush()
-        except OSError as exc:
-            writer.abort()
-            self.rt.metrics.messages.labels("tempfail").inc()
-            self.rt.metrics.spool_failures.inc()
-            self._log(logging.ERROR, "eom", result="tempfail", error=exc)
-            return False
-        return True
-
     def _scan(self, msg: _Message, writer: JobWriter, client: Client,
               recipients: tuple[str, ...], scan: bool,
               authenticate: bool) -> ScanOutcome | None:
@@ -513,15 +481,10 @@ class Session:
         connection was counted as accepted at connect: the refusal is a
         message's, counted as a rejected message and a data-stage rejection.
         """
-        if msg.writer is not None:
-            msg.writer.abort()
         f = decision.filters
-        self.rt.metrics.messages.labels("rejected").inc()
-        self.rt.metrics.rejections.labels("data", f.reason).inc()
-        self._log(logging.INFO, "eom", sender=msg.sender, client=decision.client,
-                  forwarded_by=self.forwarder, result="reject", reason=f.reason, filter=f.name,
-                  cidr=f.cidr, reply=decision.reply)
-        return EomResult(decision.reply)
+        return self._end(msg, lifecycle.blocked(f.reason), decision.reply, sender=msg.sender,
+                         client=decision.client, forwarded_by=self.forwarder, result="reject",
+                         reason=f.reason, filter=f.name, cidr=f.cidr, reply=decision.reply)
 
     def _unresolved(self, msg: _Message) -> EomResult:
         """A forwarded message whose original client cannot be found.
@@ -531,20 +494,32 @@ class Session:
         address.  The answer is `forwarder_unresolved`'s; whatever was stored
         is dropped.
         """
+        reply = UNRESOLVED_REPLIES[msg.engine.config.forwarder_unresolved]
+        self.rt.metrics.forwarded_unresolved.labels(msg.unresolved).inc()
+        return self._end(msg, f"unresolved-{reply.verb}", reply, event="forwarded",
+                         sender=msg.sender, forwarder=self.forwarder, result=reply.verb,
+                         reason=msg.unresolved,
+                         why="the original client is unknown (trusted_forwarders)", reply=reply)
+
+    def _end(self, msg: _Message, ending: str | lifecycle.Ending, answer: Reply,
+             event: str = "eom", **fields: object) -> EomResult:
+        """A message that is not stored: its file dropped, counted as its ending says,
+        and logged in one line (none without `fields`: the failure was logged as it came)."""
         if msg.writer is not None:
             msg.writer.abort()
-        reply = UNRESOLVED_REPLIES[msg.engine.config.forwarder_unresolved]
+            msg.writer = None
+        end = lifecycle.ENDINGS[ending] if isinstance(ending, str) else ending
         m = self.rt.metrics
-        m.forwarded_unresolved.labels(msg.unresolved).inc()
-        if reply.verb == "reject":
-            m.messages.labels("rejected").inc()
-            m.rejections.labels("data", "unresolved-client").inc()
-        else:
-            m.messages.labels("tempfail").inc()
-        self._log(logging.WARNING, "forwarded", sender=msg.sender, forwarder=self.forwarder,
-                  result=reply.verb, reason=msg.unresolved,
-                  why="the original client is unknown (trusted_forwarders)", reply=reply)
-        return EomResult(reply)
+        m.messages.labels(end.result).inc()
+        if end.rejection:
+            m.rejections.labels("data", end.rejection).inc()
+        if end.spool_failure:
+            m.spool_failures.inc()
+        if end.slot_timeout:
+            m.scan_slot_timeouts.inc()
+        if fields:
+            self._log(end.level, event, **fields)
+        return EomResult(answer)
 
     def _writer_for(self, msg: _Message) -> JobWriter | None:
         """A message with no header or body callbacks at all still gets a file."""
@@ -578,6 +553,11 @@ class Session:
                   self.conn_id, self.queue_id, stage, exc, exc_info=exc)
         self.abort()
         return TEMPFAIL_INTERNAL
+
+
+# A message failed before end of data, by its reply: which ending it is.
+_FAILED = {TEMPFAIL_SPOOL: "spool-failed", TOO_BIG: "too-big",
+           TEMPFAIL_INTERNAL: "internal-error"}
 
 
 def _forged(msg: _Message, name: str, value: bytes) -> bool:

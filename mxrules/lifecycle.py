@@ -131,3 +131,40 @@ def passable(text: str) -> bool:
 # Lone surrogates: bytes pymilter decoded with surrogateescape that were not UTF-8.
 SURROGATE = re.compile("[\ud800-\udfff]")
 
+
+@dataclass(frozen=True)
+class Ending:
+    """How a message that ends without being stored is counted: one row per exit.
+
+    `result` is mxrules_messages_total's label; `rejection` the reason of a
+    data-stage mxrules_rejections_total ("" for none); `spool_failure` and
+    `slot_timeout` count mxrules_spool_failures_total and
+    mxrules_scan_slot_timeouts_total.  `level` is the log line's severity.
+    """
+
+    result: str
+    level: int
+    rejection: str = ""
+    spool_failure: bool = False
+    slot_timeout: bool = False
+
+
+# Every exit of end of data but the stored one, as data (logging's levels, by value).
+_INFO, _WARNING, _ERROR = 20, 30, 40
+ENDINGS: dict[str, Ending] = {
+    "no-managed-recipient": Ending("passed", _INFO),
+    "internal-error": Ending("tempfail", _WARNING),
+    "spool-failed": Ending("tempfail", _WARNING, spool_failure=True),
+    "spool-unwritable": Ending("tempfail", _ERROR, spool_failure=True),
+    "too-big": Ending("rejected", _INFO, rejection="size"),
+    "too-big-for-actions": Ending("rejected", _INFO, rejection="too-big"),
+    "scan-slots-busy": Ending("tempfail", _WARNING, slot_timeout=True),
+    "scan-failed": Ending("tempfail", _WARNING),
+    "unresolved-reject": Ending("rejected", _WARNING, rejection="unresolved-client"),
+    "unresolved-tempfail": Ending("tempfail", _WARNING),
+}
+
+
+def blocked(reason: str) -> Ending:
+    """A forwarded message whose original client the IP filters refuse, for `reason`."""
+    return Ending("rejected", _INFO, rejection=reason)

@@ -2,20 +2,26 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from mxrules.decision import CONTINUE, TEMPFAIL_SPOOL, RcptDecision
 from mxrules.lifecycle import (
+    ENDINGS,
     DeleteRecipient,
     Discard,
+    Ending,
     InsertHeader,
     Manipulation,
     Outcome,
     RemoveHeader,
+    blocked,
     passable,
     recipients_to_remove,
     stored,
 )
+from mxrules.metrics import MESSAGE_RESULTS
 
 AR = "Authentication-Results"
 SES = "X-SES-Spam-Verdict"
@@ -106,3 +112,36 @@ def test_recipients_to_remove(rcpts: list[tuple[str, str]], consume: bool,
 ])
 def test_passable(text: str, ok: bool) -> None:
     assert passable(text) is ok
+
+
+@pytest.mark.parametrize(("name", "result", "counted"), [
+    pytest.param("no-managed-recipient", "passed", set(), id="passed"),
+    pytest.param("internal-error", "tempfail", set(), id="internal-error"),
+    pytest.param("spool-failed", "tempfail", {"spool"}, id="spool-failed"),
+    pytest.param("spool-unwritable", "tempfail", {"spool"}, id="spool-unwritable"),
+    pytest.param("too-big", "rejected", {"data:size"}, id="too-big"),
+    pytest.param("too-big-for-actions", "rejected", {"data:too-big"}, id="too-big-for-actions"),
+    pytest.param("scan-slots-busy", "tempfail", {"slots"}, id="scan-slots-busy"),
+    pytest.param("scan-failed", "tempfail", set(), id="scan-failed"),
+    pytest.param("unresolved-reject", "rejected", {"data:unresolved-client"},
+                 id="unresolved-reject"),
+    pytest.param("unresolved-tempfail", "tempfail", set(), id="unresolved-tempfail"),
+])
+def test_each_ending_is_counted_once_under_bounded_labels(
+        name: str, result: str, counted: set[str]) -> None:
+    ending = ENDINGS[name]
+    assert ending.result == result and ending.result in MESSAGE_RESULTS
+    assert ending.level in (logging.INFO, logging.WARNING, logging.ERROR)
+    extra = {f"data:{ending.rejection}"} if ending.rejection else set()
+    extra |= {"spool"} if ending.spool_failure else set()
+    extra |= {"slots"} if ending.slot_timeout else set()
+    assert extra == counted
+
+
+def test_every_ending_is_in_the_table() -> None:
+    # A new exit of end of data needs a row (and this test a case) before it can be counted.
+    assert len(ENDINGS) == 10
+
+
+def test_a_blocked_forwarded_message_is_a_data_rejection_for_its_filter_reason() -> None:
+    assert blocked("ip-filter") == Ending("rejected", logging.INFO, rejection="ip-filter")
