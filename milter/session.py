@@ -23,7 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import astuple, dataclass, field
 
-from mxrules import authres, forwarded, lifecycle
+from mxrules import forwarded, lifecycle
 from mxrules.decision import (
     CONTINUE,
     TEMPFAIL_INTERNAL,
@@ -99,10 +99,11 @@ class _Message:
     client: Client | None = None  # None: the connection's own client
     blocked: ConnectDecision | None = None
     unresolved: str = ""  # why the original client could not be found
-    # Occurrences of the header names only this host may write (authres), and
-    # those that arrived forged: (name, 1-based occurrence) to delete.
-    seen: dict[str, int] = field(default_factory=dict)
-    forged: list[tuple[str, int]] = field(default_factory=list)
+    # The header names only this host may write (authres): those that arrived forged.
+    own: lifecycle.OwnHeaders = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.own = lifecycle.OwnHeaders(self.engine.config.hostname)
 
     @property
     def handled(self) -> list[RcptDecision]:
@@ -264,7 +265,7 @@ class Session:
             if msg.received is None:
                 msg.received = forwarded.received_walk(msg.engine)
             msg.received.add(value)
-        if msg is not None and _forged(msg, name, value):
+        if msg is not None and msg.own.header(name, value):
             return
         self._write(name.encode("utf-8", "surrogateescape") + b":" + _crlf(value) + b"\r\n")
 
@@ -391,7 +392,7 @@ class Session:
         """The outcome for Postfix's copy, and the recipients that cannot be removed."""
         delete, kept, discard = lifecycle.recipients_to_remove(
             msg.decisions, msg.recorded, msg.engine.config.delivery == "consume")
-        result = lifecycle.stored(message_id, forged=msg.forged, headers=headers,
+        result = lifecycle.stored(message_id, forged=msg.own.forged, headers=headers,
                                   delete=delete, discard=discard)
         return result, kept
 
@@ -558,24 +559,6 @@ class Session:
 # A message failed before end of data, by its reply: which ending it is.
 _FAILED = {TEMPFAIL_SPOOL: "spool-failed", TOO_BIG: "too-big",
            TEMPFAIL_INTERNAL: "internal-error"}
-
-
-def _forged(msg: _Message, name: str, value: bytes) -> bool:
-    """Count a header only this host may write; True (and remembered) if it is forged.
-
-    Only this host may speak as its authserv-id (RFC 8601 §5) or write SES's
-    verdict headers: a copy that arrived from outside is kept out of the stored
-    copy and deleted from Postfix's, whatever the rules scan.
-    """
-    own = authres.OWN_HEADERS.get(name.strip().lower())
-    if own is None:
-        return False
-    # Postfix finds the header to delete by name (without regard to case) and occurrence.
-    msg.seen[own] = occurrence = msg.seen.get(own, 0) + 1
-    if not authres.forged(name, value, msg.engine.config.hostname):
-        return False
-    msg.forged.append((own, occurrence))
-    return True
 
 
 def postfix_form(raw: str) -> str:

@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
+from mxrules import authres
 from mxrules.decision import CONTINUE, RcptDecision, Reply
 
 
@@ -88,6 +89,33 @@ class Outcome:
     def delete_recipients(self) -> tuple[str, ...]:
         return tuple(m.recipient for m in self.manipulations
                      if isinstance(m, DeleteRecipient))
+
+
+@dataclass
+class OwnHeaders:
+    """The headers only this host may write, fed one by one as they arrive.
+
+    Only this host may speak as its authserv-id (RFC 8601 section 5) or write
+    SES's verdict headers: a copy that arrived from outside is kept out of the
+    stored copy and deleted from Postfix's, whatever the rules scan.  Postfix
+    finds a header to delete by name (without regard to case) and occurrence,
+    so every occurrence of those names is counted, forged or not.
+    """
+
+    hostname: str
+    seen: dict[str, int] = field(default_factory=dict)
+    forged: list[tuple[str, int]] = field(default_factory=list)
+
+    def header(self, name: str, value: bytes) -> bool:
+        """Count `name: value`; True (and remembered for deletion) if it is forged."""
+        own = authres.OWN_HEADERS.get(name.strip().lower())
+        if own is None:
+            return False
+        self.seen[own] = occurrence = self.seen.get(own, 0) + 1
+        if not authres.forged(name, value, self.hostname):
+            return False
+        self.forged.append((own, occurrence))
+        return True
 
 
 def stored(message_id: str, *, forged: Iterable[tuple[str, int]],

@@ -15,6 +15,7 @@ from mxrules.lifecycle import (
     InsertHeader,
     Manipulation,
     Outcome,
+    OwnHeaders,
     RemoveHeader,
     blocked,
     passable,
@@ -145,3 +146,22 @@ def test_every_ending_is_in_the_table() -> None:
 
 def test_a_blocked_forwarded_message_is_a_data_rejection_for_its_filter_reason() -> None:
     assert blocked("ip-filter") == Ending("rejected", logging.INFO, rejection="ip-filter")
+
+
+OURS = "mx.example.com"
+
+
+@pytest.mark.parametrize(("headers", "forged", "kept"), [
+    pytest.param([("Subject", b"x")], [], ["Subject"], id="other-headers-pass"),
+    pytest.param([(AR, b" mx.example.com; spf=pass")], [(AR, 1)], [], id="ours-forged"),
+    pytest.param([(AR, b" other.example; spf=pass"), (AR, b" (c) MX.Example.com.; dkim=pass")],
+                 [(AR, 2)], [AR], id="occurrences-counted-whoever-wrote-them"),
+    pytest.param([("x-ses-spam-verdict ", b" PASS"), (SES, b" FAIL")],
+                 [(SES, 1), (SES, 2)], [], id="verdict-any-case-any-writer"),
+    pytest.param([(AR, b' "mx.example.com"; dkim=pass')], [(AR, 1)], [], id="quoted-id"),
+])
+def test_own_headers_finds_the_forged_occurrences(
+        headers: list[tuple[str, bytes]], forged: list[tuple[str, int]], kept: list[str]) -> None:
+    own = OwnHeaders(OURS)
+    passed = [name for name, value in headers if not own.header(name, value)]
+    assert (own.forged, passed) == (forged, kept)
