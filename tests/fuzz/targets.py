@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from harness.dns import DnsServer
+from harness.jobs import make_job
 from mxrules import authres, headblock, payload, ses
 from mxrules.actions import bounce
 from mxrules.actions import dsn as dsn_module
@@ -233,15 +234,11 @@ RULE = Rule(name="r", enabled=True, recipients=("example.com",),
 
 def base_job(**changes: Any) -> Job:
     fields: dict[str, Any] = dict(
-        message_id="0123456789abcdefghijklmnopqrstuv01234567", queue_id="4Xk2Lq0F3Zz1",
-        received_at="2026-01-01T00:00:00.000Z", rule_set="default",
-        mail_from="sender@example.net", recipients=("user@example.com",),
         client=Client(address="192.0.2.1", hostname="mail.example.net", helo="mail"),
-        rules=(MatchedRule(RULE, ("user@example.com",)),), in_stream_headers=(),
-        hostname="mx.example.com", message_size=0, message_sha256="",
+        rules=(MatchedRule(RULE, ("user@example.com",)),), message_sha256="",
     )
     fields.update(changes)
-    return Job(**fields)
+    return make_job(**fields)
 
 
 def _json_roundtrip(obj: Any) -> None:

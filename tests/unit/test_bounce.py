@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import email
 import email.policy
-import hashlib
 import logging
 import os
 import re
@@ -31,6 +30,7 @@ from aiosmtpd.controller import Controller
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from harness.jobs import make_job
 from harness.ports import free_port
 from harness.sink import SmtpSink
 from mxrules.actions.base import ActionContext, Outcome, PermanentActionError
@@ -71,23 +71,15 @@ RCPT_FIELDS = ["Final-Recipient", "Action", "Status", "Diagnostic-Code"]
 
 def _job(**changes: Any) -> Job:
     fields: dict[str, Any] = dict(
-        message_id="0123456789abcdefghijklmnopqrstuv01234567",
-        queue_id="4Xk2Lq0F3Zz1",
-        received_at="2026-01-01T00:00:00.000Z",
-        rule_set="default",
         mail_from=SENDER,
         recipients=(RCPT,),
         client=Client(address="192.0.2.1", hostname="mail.example.net", helo="mail"),
         rules=(MatchedRule(Rule(name="departed", enabled=True, actions=(ACTION,)), (RCPT,)),),
-        in_stream_headers=(),
-        hostname="mx.example.com",
-        message_size=len(HEADERS + b"\r\n" + BODY),
-        message_sha256=hashlib.sha256(HEADERS + b"\r\n" + BODY).hexdigest(),
         verdicts={"spam": "PASS", "virus": "PASS", "spf": "PASS", "dkim": "GRAY",
                   "dmarc": "GRAY"},
     )
     fields.update(changes)
-    return Job(**fields)
+    return make_job(HEADERS + b"\r\n" + BODY, **fields)
 
 
 def _action(**changes: Any) -> BounceAction:

@@ -6,12 +6,12 @@ checked without waiting.
 
 from __future__ import annotations
 
-import hashlib
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from harness.jobs import make_job
 from mxrules.actions.bounce_limit import (
     BounceLimiter,
     authenticated_by,
@@ -25,20 +25,16 @@ from mxrules.scan.auth import (
     SpfResult,
     authentication_results,
 )
-from mxrules.spool import Client, Job
+from mxrules.spool import Job
 
 AR = "Authentication-Results"
 
 
 def _job(mail_from: str = "alice@example.net", verdicts: dict[str, str] | None = None,
          auth: str = "") -> Job:
-    return Job(
-        message_id="0123456789abcdefghijklmnopqrstuv01234567", queue_id="Q1",
-        received_at="2026-01-01T00:00:00.000Z", rule_set="default", mail_from=mail_from,
-        recipients=("bob@example.com",), client=Client(address="192.0.2.1"), rules=(),
-        in_stream_headers=(), hostname="mx.example.com", message_size=1,
-        message_sha256=hashlib.sha256(b"x").hexdigest(), verdicts=verdicts or {},
-        auth_headers=((AR, auth),) if auth else ())
+    return make_job(
+        b"x", queue_id="Q1", mail_from=mail_from, recipients=("bob@example.com",),
+        verdicts=verdicts or {}, auth_headers=((AR, auth),) if auth else ())
 
 
 def _ar(dmarc: str) -> str:

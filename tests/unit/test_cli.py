@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 
+from harness.jobs import make_job
 from mxrules import cli
 from mxrules.config import load
 
@@ -323,18 +324,17 @@ def _spooled_job(tmp_path, mail_from: str, last_error: str) -> tuple[str, str]:
     """A config whose spool holds one job, deferred, from `mail_from`; (config, job id)."""
     from mxrules.ids import new_message_id
     from mxrules.rules import Rule, S3Action
-    from mxrules.spool import Client, Job, MatchedRule, Spool, with_progress
+    from mxrules.spool import Client, MatchedRule, Spool, with_progress
     path = tmp_path / "spool.yaml"
     path.write_text(f"spool: {{directory: {tmp_path / 'spool'}}}\n")
     spool = Spool(str(tmp_path / "spool"))
     spool.ensure()
     message_id = new_message_id()
     rule = Rule(name="store", enabled=True, actions=(S3Action(bucket_name="b"),))
-    job = Job(message_id=message_id, queue_id="Q1", received_at="2026-01-01T00:00:00.000Z",
-              rule_set="default", mail_from=mail_from, recipients=(mail_from,),
-              client=Client(address="192.0.2.1", helo="h\x1b]0;title\x07"),
-              rules=(MatchedRule(rule, (mail_from,)),), in_stream_headers=(),
-              hostname="mx.example.com", message_size=1, message_sha256="")
+    job = make_job(message_id=message_id, queue_id="Q1", mail_from=mail_from,
+                   recipients=(mail_from,),
+                   client=Client(address="192.0.2.1", helo="h\x1b]0;title\x07"),
+                   rules=(MatchedRule(rule, (mail_from,)),), message_size=1, message_sha256="")
     writer = spool.new_job(message_id)
     writer.write(b"m")
     writer.commit(with_progress(job, attempts=1, last_error=last_error, next_due=1.0))

@@ -12,7 +12,6 @@ payloads that went through Postfix, the milter, the worker and moto.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from harness.consumers import (
     unexplained_go,
     unexplained_powertools,
 )
+from harness.jobs import make_job
 from mxrules.payload import lambda_event, notification, stored_copy_headers, stored_copy_prefix
 from mxrules.rules import (
     Action,
@@ -80,13 +80,11 @@ ACTIONS: dict[str, Action] = {
 
 
 def _job(data: bytes, verdicts: dict[str, str]) -> Job:
-    return Job(message_id="o3vrnil0e2ic28trm7dfhrc2v0cnbeccl4nbp0g1", queue_id="4Xk2",
-               received_at="2026-01-01T00:00:00.123Z", rule_set="default",
-               mail_from="a@x.example", recipients=("b@y.example",),
-               client=Client(address="192.0.2.1", hostname="mail.x.example", helo="x"),
-               rules=(), in_stream_headers=(), hostname="mx.y.example",
-               message_size=len(data), message_sha256=hashlib.sha256(data).hexdigest(),
-               verdicts=verdicts)
+    return make_job(data, message_id="o3vrnil0e2ic28trm7dfhrc2v0cnbeccl4nbp0g1",
+                    queue_id="4Xk2", received_at="2026-01-01T00:00:00.123Z",
+                    mail_from="a@x.example", recipients=("b@y.example",),
+                    client=Client(address="192.0.2.1", hostname="mail.x.example", helo="x"),
+                    hostname="mx.y.example", verdicts=verdicts)
 
 
 def _payloads(tmp: Path) -> list[tuple[str, dict[str, Any]]]:

@@ -8,7 +8,6 @@ unwrapped: the guide breaks long strings for reading, real JSON does not.
 from __future__ import annotations
 
 import base64
-import hashlib
 import io
 import json
 import random
@@ -18,6 +17,7 @@ from typing import Any
 
 import pytest
 
+from harness.jobs import make_job
 from mxrules import payload
 from mxrules.headblock import header_lines
 from mxrules.payload import (
@@ -82,22 +82,14 @@ def _rule(*actions: Action, name: str = "store") -> Rule:
 def _job(data: bytes = MESSAGE, **changes: Any) -> Job:
     fields: dict[str, Any] = dict(
         message_id=MESSAGE_ID,
-        queue_id="4Xk2Lq0F3Zz1",
         received_at="2026-01-01T00:00:00.123Z",
-        rule_set="default",
-        mail_from="sender@example.net",
         recipients=("info@example.com", "sales@example.com"),
         client=Client(address="192.0.2.1", hostname="mail.example.net", helo="mail.example.net",
                       tls_version="TLSv1.3", tls_cipher="TLS_AES_256_GCM_SHA384"),
-        rules=(),
-        in_stream_headers=(),
-        hostname="mx.example.com",
-        message_size=len(data),
-        message_sha256=hashlib.sha256(data).hexdigest(),
         verdicts=dict(ALL_PASS),
     )
     fields.update(changes)
-    return Job(**fields)
+    return make_job(data, **fields)
 
 
 def _message(tmp_path: Path, data: bytes = MESSAGE) -> str:

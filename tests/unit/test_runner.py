@@ -7,7 +7,6 @@ progress records and the runner are the real ones.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
+from harness.jobs import make_job
 from mxrules import config as config_mod
 from mxrules.actions import runner as runner_mod
 from mxrules.actions.base import ActionContext, Outcome, PermanentActionError
@@ -36,7 +36,7 @@ from mxrules.rules import (
     SNSAction,
     StopAction,
 )
-from mxrules.spool import Client, Job, MatchedRule, Spool
+from mxrules.spool import MatchedRule, Spool
 
 TOPIC = "arn:aws:sns:us-east-1:123456789012:t"
 FN = "arn:aws:lambda:us-east-1:123456789012:function:f"
@@ -84,12 +84,9 @@ def _spooled(spool: Spool, *rules: Rule) -> str:
     writer = spool.new_job(new_message_id())
     data = b"Subject: x\r\n\r\nbody\r\n"
     writer.write(data)
-    job = Job(message_id=writer.message_id, queue_id="Q1", received_at="2026-01-01T00:00:00.000Z",
-              rule_set="default", mail_from="a@example.net", recipients=("u@example.com",),
-              client=Client("192.0.2.1"), rules=tuple(MatchedRule(r, ("u@example.com",))
-                                                     for r in rules),
-              in_stream_headers=(), hostname="mx.example.com", message_size=len(data),
-              message_sha256=hashlib.sha256(data).hexdigest())
+    job = make_job(data, message_id=writer.message_id, queue_id="Q1",
+                   mail_from="a@example.net", recipients=("u@example.com",),
+                   rules=tuple(MatchedRule(r, ("u@example.com",)) for r in rules))
     writer.commit(job)
     return job.message_id
 

@@ -15,8 +15,9 @@ from typing import Any
 
 import pytest
 
+from harness.jobs import make_job
 from mxrules.payload import HEADERS_LIMIT, common_headers, decoded_headers, mail_object
-from mxrules.spool import Client, Job
+from mxrules.spool import Job
 
 GOLDEN = Path(__file__).parent / "golden"
 CAPTURES = sorted(p.name for p in GOLDEN.glob("ses_capture_*.json"))
@@ -33,10 +34,9 @@ def _headers(capture: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _job() -> Job:
-    return Job(message_id="m", queue_id="q", received_at="2024-10-04T16:31:14.331Z",
-               rule_set="r", mail_from="a@b", recipients=("c@d",),
-               client=Client(address="192.0.2.1"), rules=(), in_stream_headers=(),
-               hostname="mx.example", message_size=0, message_sha256="")
+    return make_job(message_id="m", queue_id="q", received_at="2024-10-04T16:31:14.331Z",
+                    rule_set="r", mail_from="a@b", recipients=("c@d",),
+                    hostname="mx.example", message_sha256="")
 
 
 def test_captures_are_present() -> None:

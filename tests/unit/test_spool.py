@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 
 import pytest
 
+from harness.jobs import make_job
 from mxrules.errors import CorruptJobError, MxrulesError, SpoolError
 from mxrules.ids import new_message_id
 from mxrules.rules import AddHeaderAction, LambdaAction, Rule, S3Action, StopAction
@@ -42,23 +43,16 @@ RULE = Rule(
 def _job(message_id: str | None = None, data: bytes = b"", **changes) -> Job:
     fields = dict(
         message_id=message_id or new_message_id(),
-        queue_id="4Xk2Lq0F3Zz1",
-        received_at="2026-01-01T00:00:00.000Z",
-        rule_set="default",
-        mail_from="sender@example.net",
         recipients=("info@example.com", "a@b.example.org"),
         client=Client(address="192.0.2.1", hostname="mail.example.net", helo="mail",
                       tls_version="TLSv1.3", tls_cipher="TLS_AES_256_GCM_SHA384"),
         rules=(MatchedRule(RULE, ("info@example.com", "a@b.example.org")),
                MatchedRule(Rule(name="empty", enabled=True), ("info@example.com",))),
         in_stream_headers=(("X-Rule", "störe ✓"),),
-        hostname="mx.example.com",
-        message_size=len(data),
-        message_sha256=hashlib.sha256(data).hexdigest(),
         verdicts={"spam": "PASS", "virus": "DISABLED"},
     )
     fields.update(changes)
-    return Job(**fields)
+    return make_job(data, **fields)
 
 
 # -- encode / decode -------------------------------------------------------------

@@ -14,10 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from harness.jobs import make_job
 from mxrules import spool_files
 from mxrules.errors import SpoolError
 from mxrules.ids import new_message_id
-from mxrules.spool import Client, Job, Spool, ses_timestamp
+from mxrules.spool import Spool, ses_timestamp
 
 
 def test_every_sync_returns_after_an_fsync_that_started_after_it(
@@ -131,11 +132,9 @@ def _commit_with_failing_fsync(root: Path, monkeypatch: pytest.MonkeyPatch, fail
 
     monkeypatch.setattr(spool_files, "fsync_dir", fsync)
     writer.write(b"Subject: x\r\n\r\nbody\r\n")
-    job = Job(message_id=writer.message_id, queue_id="Q1", received_at=ses_timestamp(),
-              rule_set="default", mail_from="a@example.net", recipients=("b@example.com",),
-              client=Client(address="192.0.2.1"), rules=(), in_stream_headers=(),
-              hostname="mx.example.com", message_size=writer.size,
-              message_sha256=writer.sha256, verdicts={})
+    job = make_job(message_id=writer.message_id, queue_id="Q1", received_at=ses_timestamp(),
+                   mail_from="a@example.net", recipients=("b@example.com",),
+                   message_size=writer.size, message_sha256=writer.sha256)
     try:
         return spool, writer.message_id, writer.commit(job)
     except SpoolError as exc:

@@ -16,13 +16,14 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
+from harness.jobs import make_job
 from mxrules import config as config_mod
 from mxrules.actions.retry import RetryPolicy
 from mxrules.actions.runner import Runner
 from mxrules.actions.worker import Worker
 from mxrules.ids import new_message_id
 from mxrules.rules import Rule, S3Action
-from mxrules.spool import Client, Job, MatchedRule
+from mxrules.spool import MatchedRule
 
 
 def _worker(tmp_path: Path) -> Worker:
@@ -40,11 +41,10 @@ def _worker(tmp_path: Path) -> Worker:
 def _spool_one(worker: Worker) -> str:
     message_id = new_message_id()
     rule = Rule(name="store", enabled=True, actions=(S3Action(bucket_name="b"),))
-    job = Job(message_id=message_id, queue_id="Q", received_at="2026-01-01T00:00:00.000Z",
-              rule_set="default", mail_from="a@example.net", recipients=("u@example.com",),
-              client=Client(address="192.0.2.1"),
-              rules=(MatchedRule(rule, ("u@example.com",)),), in_stream_headers=(),
-              hostname="mx.example.com", message_size=1, message_sha256="")
+    job = make_job(message_id=message_id, queue_id="Q", mail_from="a@example.net",
+                   recipients=("u@example.com",),
+                   rules=(MatchedRule(rule, ("u@example.com",)),), message_size=1,
+                   message_sha256="")
     writer = worker.spool.new_job(message_id)
     writer.write(b"m")
     writer.commit(job)
