@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from mxrules import payload
+from mxrules.errors import MxrulesError
 from mxrules.rules import LambdaAction
 
 from .base import (
@@ -27,7 +28,7 @@ MAX_EVENT = 256 * 1024  # Lambda's limit for asynchronous (Event) payloads
 MAX_SYNC_EVENT = 6 * 1024 * 1024
 
 
-class FunctionFailed(Exception):
+class FunctionFailed(MxrulesError):
     """The function ran and failed (or timed out); retried like any other failure."""
 
 

@@ -91,6 +91,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from .authres import verdict_headers
+from .errors import MxrulesError
 from .headblock import HEADER_BLOCK_LIMIT, header_lines
 from .ids import new_message_id
 from .matching import bare
@@ -689,7 +690,7 @@ def lambda_event_json(job: Job, matched: MatchedRule, action: Action, *,
     return fitted_json(event, event["Records"][0]["ses"]["mail"], limit)
 
 
-class PayloadTooLarge(ValueError):
+class PayloadTooLarge(MxrulesError, ValueError):  # ValueError: what it was before
     """A payload over its limit even without `mail.headers`: no cap can make it fit."""
 
     def __init__(self, size: int, limit: int) -> None:

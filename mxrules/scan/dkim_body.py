@@ -37,6 +37,8 @@ from typing import Any
 import dkim
 from dkim.canonicalization import CanonicalizationPolicy, Relaxed
 
+from mxrules.errors import MxrulesError
+
 __all__ = ["CHUNK", "BodyCanon", "BodyHashes", "OutOfTime", "Verifier", "body_hash_key"]
 
 CHUNK = 64 * 1024
@@ -49,7 +51,7 @@ _WSP = re.compile(rb"[\t ]+")
 _CRLF_RUN = 32 * 1024
 
 
-class OutOfTime(Exception):
+class OutOfTime(MxrulesError):
     """The deadline passed while the body was being hashed."""
 
 

@@ -38,6 +38,7 @@ import dns.ttl
 import spf
 
 from mxrules.configschema import default
+from mxrules.errors import MxrulesError
 from mxrules.hostport import split_host_port
 
 
@@ -75,7 +76,7 @@ def parse_nameserver(text: str) -> tuple[str, int]:
 
 
 
-class DnsTempError(Exception):
+class DnsTempError(MxrulesError):
     """A lookup that may work later: timeout, SERVFAIL/REFUSED, out of time."""
 
 
