@@ -35,18 +35,15 @@ import json
 import math
 import os
 import re
-import signal
-import subprocess
 import tempfile
 import time
 import urllib.request
 import zipfile
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import IO, Any
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import boto3
@@ -54,6 +51,7 @@ from botocore.client import BaseClient
 from botocore.config import Config
 
 from harness.ports import free_port
+from harness.process import ManagedProcess
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MOTO_VENV = REPO_ROOT / ".venv-moto"
@@ -114,13 +112,15 @@ def function_name(ref: str) -> str:
     return parts[0]
 
 
-class MotoServer:
+class MotoServer(ManagedProcess):
     """A ``moto_server`` subprocess on a loopback port, with a docker-free Lambda.
 
     ``restart()`` keeps the port, so clients made before an outage work after it; the
     server's state is lost then, as with ``reset()``.  The request recording (see
     ``lambda_invocations``) survives a restart and is cleared by ``reset()``.
     """
+
+    name = "moto_server"
 
     def __init__(
         self,
@@ -137,12 +137,10 @@ class MotoServer:
             workdir if workdir is not None else Path(tempfile.mkdtemp(prefix="mxrules-moto-"))
         )
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.workdir / "moto.log"
+        super().__init__(self.workdir / "moto.log")
         self.recording_path = self.workdir / "recording.jsonl"
         self.record = record
         self.start_timeout = start_timeout
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
         self._clients: dict[str, BaseClient] = {}
 
     def __repr__(self) -> str:
@@ -153,10 +151,6 @@ class MotoServer:
     @property
     def endpoint_url(self) -> str:
         return f"http://{self.host}:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     def start(self) -> None:
         """Start the server and return once it answers, configured for docker-free Lambda."""
@@ -170,67 +164,30 @@ class MotoServer:
             env["MOTO_ENABLE_RECORDING"] = "true"
             env["MOTO_RECORDER_FILEPATH"] = str(self.recording_path)
             self.recording_path.touch()
-        self._log = self.log_path.open("ab")
-        self._proc = subprocess.Popen(
-            [str(MOTO_SERVER), "-H", self.host, "-p", str(self.port)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=self.workdir,
-            start_new_session=True,
-        )
+        self.spawn([str(MOTO_SERVER), "-H", self.host, "-p", str(self.port)],
+                   env=env, cwd=self.workdir, start_new_session=True)
         try:
-            self._wait_ready()
+            self.wait_ready(self._configured, self.start_timeout)
         except BaseException:
             self.stop()
             raise
 
-    def _wait_ready(self) -> None:
-        """Poll (with a deadline) until the server applies the Lambda config."""
-        deadline = time.monotonic() + self.start_timeout
-        last_error = "no answer"
-        while True:
-            proc = self._proc
-            assert proc is not None
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"moto_server exited with {proc.returncode} on {self.endpoint_url}:\n"
-                    + self.log_tail()
-                )
-            try:
-                answer = self._api("/moto-api/config", {"lambda": {"use_docker": False}})
-                config = json.loads(answer)
-            except (OSError, ValueError) as exc:
-                last_error = str(exc)
-            else:
-                if config.get("lambda", {}).get("use_docker") is not False:
-                    raise RuntimeError(f"moto did not accept the Lambda config: {config}")
-                return
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(
-                    f"moto_server did not answer on {self.endpoint_url} within"
-                    f" {self.start_timeout:g}s (last error: {last_error}):\n{self.log_tail()}"
-                )
-            time.sleep(min(0.05, remaining))
+    def _configured(self) -> bool:
+        """True once the server answers and applies the docker-free Lambda config."""
+        try:
+            config = json.loads(self._api("/moto-api/config", {"lambda": {"use_docker": False}}))
+        except ValueError:
+            return False
+        if config.get("lambda", {}).get("use_docker") is not False:
+            raise RuntimeError(f"moto did not accept the Lambda config: {config}")
+        return True
 
     def stop(self, timeout: float = 5.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL at the deadline); safe to call twice.
 
         Once this returns, the port refuses connections.
         """
-        proc, self._proc = self._proc, None
-        if proc is not None and proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        self.terminate(timeout)
 
     def restart(self) -> None:
         """Stop and start again on the same port; all AWS state is gone afterwards."""
@@ -257,15 +214,6 @@ class MotoServer:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
-
-    def log_tail(self, lines: int = 40) -> str:
-        """The last lines of the server's output (every start appends to the same file)."""
-        try:
-            with self.log_path.open("rb") as f:
-                tail = deque(f, maxlen=lines)
-        except FileNotFoundError:
-            return "(no moto log)"
-        return b"".join(tail).decode("utf-8", "replace")
 
     def _api(self, path: str, body: Any = None, timeout: float = 5.0) -> bytes:
         """Call moto's own API (``/moto-api/...``): POST ``body`` as JSON, or GET without."""

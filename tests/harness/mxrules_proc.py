@@ -6,75 +6,59 @@ import contextlib
 import os
 import pwd
 import re
-import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from .ports import wait_listening
-from .waiting import wait_until
+from .process import ManagedProcess
 
 VENV_BIN = Path(sys.executable).parent
 MXRULES = str(VENV_BIN / "mxrules")
 
 
-class MxrulesProcess:
+class MxrulesProcess(ManagedProcess):
     """`mxrules COMMAND --config PATH` with its output captured to a file."""
 
     command = "milter"
 
     def __init__(self, config_path: Path, port: int, log_path: Path,
                  env: dict[str, str] | None = None, user: str | None = None) -> None:
+        super().__init__(log_path)
+        self.name = f"mxrules {self.command}"
         self.config_path = config_path
         self.port = port
-        self.log_path = log_path
         self.env = env or {}
         # Run as this user (and its group, no others), as the packaged units do with
         # User=mxrules; None: as the test runner.
         self.user = user
-        self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def postfix_spec(self) -> str:
         return f"inet:127.0.0.1:{self.port}"
 
-    def spawn(self) -> None:
+    def spawn_mxrules(self) -> None:
         as_user: dict[str, Any] = {}
         if self.user is not None:
             entry = pwd.getpwnam(self.user)
             as_user = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [MXRULES, self.command, "--config", str(self.config_path)],
-                stdout=log, stderr=log,
-                env={**os.environ, "PYTHONSAFEPATH": "1", **self.env},
-                **as_user,
-            )
+        self.spawn([MXRULES, self.command, "--config", str(self.config_path)],
+                   env={**os.environ, "PYTHONSAFEPATH": "1", **self.env}, **as_user)
 
     def start(self, timeout: float = 20) -> None:
-        self.spawn()
-        assert self.proc is not None
+        self.spawn_mxrules()
         try:
             wait_listening("127.0.0.1", self.port, timeout, connect=False)
         except TimeoutError:
+            assert self.proc is not None
             code = self.proc.poll()
             raise RuntimeError(
                 f"mxrules {self.command} did not listen (exit={code}):\n{self.log()}") from None
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        proc = self.proc
-        try:
-            wait_until(lambda: self._wake() or proc.poll() is not None,
-                       f"mxrules {self.command} to stop", timeout=10, interval=0.1)
-        except TimeoutError:
-            self.proc.kill()
-            self.proc.wait(10)
+        self.terminate(10, wake=self._wake)
 
     def _wake(self) -> None:
         """Nothing to do: the worker stops on SIGTERM by itself."""
@@ -87,12 +71,6 @@ class MxrulesProcess:
     def signal(self, sig: int) -> None:
         assert self.proc is not None
         self.proc.send_signal(sig)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
 
     def wait_for_log(self, pattern: str, timeout: float = 20, after: int = 0) -> re.Match[str]:
         """Wait for a log line matching `pattern` (searching from offset `after`)."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import time
 import urllib.error
@@ -29,6 +28,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from . import components
 from .ports import free_port, wait_listening
+from .process import ManagedProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
@@ -155,8 +155,10 @@ def concrete(expr: str) -> str:
 
 # -- a real Prometheus server -------------------------------------------------
 
-class PrometheusServer:
+class PrometheusServer(ManagedProcess):
     """Prometheus on 127.0.0.1, scraping `targets` (job name -> host:port) every second."""
+
+    name = "prometheus"
 
     def __init__(self, workdir: Path, targets: Mapping[str, str],
                  rule_files: Iterable[Path] = ()) -> None:
@@ -165,8 +167,7 @@ class PrometheusServer:
         self.rule_files = [str(p) for p in rule_files]
         self.port = free_port()
         self.config_path = workdir / "prometheus.yml"
-        self.log_path = workdir / "prometheus.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__(workdir / "prometheus.log")
 
     @property
     def url(self) -> str:
@@ -185,50 +186,27 @@ class PrometheusServer:
     def start(self, timeout: float = 30) -> None:
         binary = prometheus_binary()
         self.write_config()
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [binary, f"--config.file={self.config_path}",
-                 f"--storage.tsdb.path={self.workdir / 'data'}",
-                 f"--web.listen-address=127.0.0.1:{self.port}",
-                 "--storage.tsdb.retention.time=1h", "--log.level=warn"],
-                stdout=log, stderr=log, cwd=self.workdir)
+        self.spawn([binary, f"--config.file={self.config_path}",
+                    f"--storage.tsdb.path={self.workdir / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{self.port}",
+                    "--storage.tsdb.retention.time=1h", "--log.level=warn"],
+                   cwd=self.workdir)
         try:
             wait_listening("127.0.0.1", self.port, timeout, connect=False)
-            self._wait_ready(timeout)
+            self.wait_ready(self._ready, timeout, interval=0.1)
         except (TimeoutError, RuntimeError):
             self.stop()
             raise RuntimeError(f"prometheus did not become ready:\n{self.log()}") from None
 
-    def _wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                with urllib.request.urlopen(self.url + "/-/ready", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            if self.proc is not None and self.proc.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {self.proc.returncode}")
-            if time.monotonic() > deadline:
-                raise TimeoutError("prometheus not ready")
-            time.sleep(0.1)
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(self.url + "/-/ready", timeout=2) as resp:
+                return bool(resp.status == 200)
+        except urllib.error.URLError:
+            return False
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
+        self.terminate(15)
 
     def api(self, path: str, **params: str) -> Any:
         """GET /api/v1/PATH; returns `data`, raises on an error status."""

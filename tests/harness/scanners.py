@@ -29,26 +29,22 @@ for that: compiling the stock one takes it 10-20 s at every start with an empty 
 from __future__ import annotations
 
 import base64
-import contextlib
 import email.utils
 import hashlib
 import os
 import pwd
 import shutil
-import signal
 import socket
-import subprocess
 import tempfile
 import threading
 import time
 import urllib.request
-from collections import deque
 from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import IO
 
 from harness.ports import free_port, is_listening
+from harness.process import ManagedProcess
 
 # -- test content --------------------------------------------------------------------------
 
@@ -139,7 +135,7 @@ def _short_socket_path(preferred: Path, name: str) -> tuple[Path, Path | None]:
     return directory / name, directory
 
 
-class ScannerProcess:
+class ScannerProcess(ManagedProcess):
     """A scanner daemon run in the foreground in its own process group.
 
     Subclasses give the command (`_command`), write their configuration (`_prepare`)
@@ -154,13 +150,11 @@ class ScannerProcess:
     def __init__(self, workdir: Path, *, start_timeout: float = 60.0) -> None:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = workdir / f"{self.name}.log"
+        super().__init__(workdir / f"{self.name}.log")
         self.start_timeout = start_timeout
         self.host = "127.0.0.1"
         self.port = free_port(self.host)
         self.socket_path: Path = workdir / f"{self.name}.sock"  # subclasses may move it
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] | None = None
         self._cleanup: list[Path] = []
         self.last_startup: float | None = None
 
@@ -176,10 +170,6 @@ class ScannerProcess:
     def unix_address(self) -> str:
         """The unix socket address as the scan functions take it: ``"unix:/path"``."""
         return f"unix:{self.socket_path}"
-
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
 
     # -- subclass hooks --
 
@@ -202,15 +192,8 @@ class ScannerProcess:
         for attempt in range(3):
             began = time.monotonic()
             self._prepare()
-            self._log = self.log_path.open("ab")
-            self._proc = subprocess.Popen(
-                self._command(),
-                stdin=subprocess.DEVNULL,
-                stdout=self._log,
-                stderr=subprocess.STDOUT,
-                cwd=self.workdir,
-                start_new_session=True,  # its own group: stop() ends its children too
-            )
+            # Its own process group: stop() ends its children too.
+            self.spawn(self._command(), cwd=self.workdir, start_new_session=True)
             try:
                 self._wait_ready()
             except _PortTaken:
@@ -227,53 +210,25 @@ class ScannerProcess:
             return
 
     def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.start_timeout
-        while True:
-            proc = self._proc
-            assert proc is not None
-            if proc.poll() is not None:
-                tail = self.log_tail()
-                if "Address already in use" in tail or "address already in use" in tail:
-                    raise _PortTaken(tail)
-                raise RuntimeError(
-                    f"{self.name} exited with {proc.returncode} while starting:\n{tail}"
-                )
-            try:
-                if self._ping():
-                    return
-            except OSError:
-                pass
-            if time.monotonic() >= deadline:
-                raise TimeoutError(
-                    f"{self.name} did not answer on {self.address} within"
-                    f" {self.start_timeout:g}s:\n{self.log_tail()}"
-                )
-            time.sleep(0.05)
+        try:
+            self.wait_ready(self._ping, self.start_timeout)
+        except RuntimeError as exc:
+            if "address already in use" in str(exc).lower():
+                raise _PortTaken(str(exc)) from None
+            raise
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server (SIGTERM, SIGKILL at the deadline); safe to call twice.
 
         Once this returns, its TCP port refuses connections.
         """
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=timeout)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            # Children (spamd's, rspamd's workers) normally go with their parent; any
-            # left in the group we created would keep the port open.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            deadline = time.monotonic() + timeout
-            while is_listening(self.host, self.port) and time.monotonic() < deadline:
-                time.sleep(0.05)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+        started = self.proc is not None
+        # Children (spamd's, rspamd's workers) normally go with their parent; any
+        # left in the group we created would keep the port open.
+        self.terminate(timeout, group=True)
+        deadline = time.monotonic() + timeout
+        while started and is_listening(self.host, self.port) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def restart(self) -> None:
         self.stop()
@@ -297,15 +252,6 @@ class ScannerProcess:
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-    def log_tail(self, lines: int = 40) -> str:
-        """The last lines of the server's output (every start appends to the same file)."""
-        try:
-            with self.log_path.open("rb") as f:
-                tail = deque(f, maxlen=lines)
-        except FileNotFoundError:
-            return f"(no {self.name} log)"
-        return b"".join(tail).decode("utf-8", "replace")
 
 
 class _PortTaken(RuntimeError):
