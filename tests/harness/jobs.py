@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from mxrules.spool import Client, Job
+from mxrules.job import Client, Job
 
 MESSAGE_ID = "0123456789abcdefghijklmnopqrstuv01234567"
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 
+from harness.jobs import make_job
 from mxrules.authres import authserv_id, claims, forged, verdict_headers
 from mxrules.milter.scanning import ScanOutcome
 from mxrules.payload import ses_prepended_headers
 from mxrules.scan import DISABLED, Verdict
-from mxrules.spool import Client, Job
+from mxrules.spool import Job
 
 
 @pytest.mark.parametrize(
@@ -90,11 +91,8 @@ def test_forged(name: str, value: bytes, expected: bool) -> None:
 
 def _statuses_job(spam: str | None, virus: str | None) -> Job:
     verdicts = {k: v for k, v in (("spam", spam), ("virus", virus)) if v is not None}
-    return Job(message_id="m", queue_id="", received_at="2026-01-01T00:00:00.000Z",
-               rule_set="", mail_from="a@example.net", recipients=("b@example.com",),
-               client=Client(address="192.0.2.1"), rules=(), in_stream_headers=(),
-               hostname="mx.example.com", message_size=0, message_sha256="",
-               verdicts=verdicts)
+    return make_job(message_id="m", queue_id="", rule_set="", mail_from="a@example.net",
+                    recipients=("b@example.com",), message_sha256="", verdicts=verdicts)
 
 
 # One row per pair of scan results; the milter's copy (ScanOutcome.headers) and the

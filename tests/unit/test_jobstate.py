@@ -9,10 +9,11 @@ from typing import Any
 
 import pytest
 
+from harness.jobs import make_job
 from mxrules import jobstate
 from mxrules.actions.retry import RetryPolicy
 from mxrules.errors import CorruptJobError
-from mxrules.job import Client, Job, MatchedRule, Progress
+from mxrules.job import Job, MatchedRule, Progress
 from mxrules.jobstate import Disposition, Failure, Next, Phase, Stopped
 from mxrules.rules import (
     Action,
@@ -32,13 +33,12 @@ LAMBDA = LambdaAction(function_arn=FN, invocation_type="RequestResponse", topic_
 
 
 def _job(*rules: tuple[Action, ...], **progress: Any) -> Job:
-    return Job(message_id="m", queue_id="Q", received_at="2026-01-01T00:00:00.000Z",
-               rule_set="default", mail_from="a@example.net", recipients=("u@example.com",),
-               client=Client("192.0.2.1"),
-               rules=tuple(MatchedRule(Rule(name=f"r{i}", enabled=True, actions=actions),
-                                       ("u@example.com",)) for i, actions in enumerate(rules)),
-               in_stream_headers=(), hostname="mx.example.com", message_size=1,
-               message_sha256="0" * 64, progress=Progress(**progress))
+    return make_job(message_id="m", queue_id="Q", mail_from="a@example.net",
+                    recipients=("u@example.com",),
+                    rules=tuple(MatchedRule(Rule(name=f"r{i}", enabled=True, actions=actions),
+                                            ("u@example.com",))
+                                for i, actions in enumerate(rules)),
+                    message_size=1, message_sha256="0" * 64, progress=Progress(**progress))
 
 
 def _at(job: Job) -> tuple[int, int, str, str, str]:
