@@ -6,13 +6,13 @@ records the header for the stored copies (S3 object, SNS content, mail.headers).
 
 from __future__ import annotations
 
+from mxrules.actionspec import narrow
 from mxrules.rules import AddHeaderAction
 
 from .base import ActionContext, Outcome
 
 
 def run(ctx: ActionContext) -> Outcome:
-    action = ctx.action
-    assert isinstance(action, AddHeaderAction)
+    action = narrow(ctx.action, AddHeaderAction)
     header = (action.header_name, action.header_value)
     return Outcome(detail=f"added {action.header_name}", header=header)

@@ -51,6 +51,7 @@ import contextlib
 import smtplib
 from typing import Any, NoReturn
 
+from mxrules.actionspec import narrow
 from mxrules.errors import MxrulesError
 from mxrules.headblock import whole_header_lines
 from mxrules.hostport import split_host_port
@@ -175,10 +176,7 @@ def run(ctx: ActionContext) -> Outcome:
     nothing: the Outcome says why (`suppressed`), and the runner logs and
     counts it.  See actions.bounce_limit.
     """
-    action = ctx.action
-    if not isinstance(action, BounceAction):
-        raise TypeError(f"bounce.run got a {type(action).__name__}")
-    return bounce(ctx, action)
+    return bounce(ctx, narrow(ctx.action, BounceAction))
 
 
 def too_big(ctx: ActionContext, size: int, limit: int, *, notification: bool = False

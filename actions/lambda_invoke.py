@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 from mxrules import payload
+from mxrules.actionspec import narrow
 from mxrules.errors import MxrulesError
 from mxrules.rules import LambdaAction
 
@@ -62,8 +63,7 @@ def _read_answer(reply: dict[str, Any]) -> bytes:
 
 
 def run(ctx: ActionContext) -> Outcome:
-    action = ctx.action
-    assert isinstance(action, LambdaAction)
+    action = narrow(ctx.action, LambdaAction)
     headers, truncated = stored_headers(ctx)
     limit = MAX_SYNC_EVENT if action.invocation_type == "RequestResponse" else MAX_EVENT
     try:

@@ -16,6 +16,7 @@ again (with the AddHeaders, which only shape the stored copies).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import random
 import threading
@@ -24,15 +25,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mxrules import jobstate
+from mxrules.actionspec import SPECS, notifies
 from mxrules.config import WorkerSettings
 from mxrules.errors import SpoolError
 from mxrules.jobstate import NO_ACTION, Failure, Next, Phase, Transition
 from mxrules.metrics import WorkerMetrics
-from mxrules.rules import Action, SNSAction
+from mxrules.rules import Action
 from mxrules.service import kv
 from mxrules.spool import DEFERRED, DONE, FAILED, Claim, Job, message_time
 
-from . import add_header, bounce, lambda_invoke, s3, sns, stop
+from . import sns
 from .aws import Clients, classify
 from .base import ActionContext, Outcome, PermanentActionError
 from .bounce_limit import BounceLimiter
@@ -40,13 +42,10 @@ from .retry import RetryPolicy
 
 log = logging.getLogger("mxrules.worker")
 
+# Each action type's `run`, from the module its spec names (the core never imports actions/).
 ACTIONS: dict[str, Callable[[ActionContext], Outcome]] = {
-    "add_header": add_header.run,
-    "s3": s3.run,
-    "sns": sns.run,
-    "lambda": lambda_invoke.run,
-    "bounce": bounce.run,
-    "stop": stop.run,
+    key: importlib.import_module(f"{__package__}.{spec.module}").run
+    for key, spec in SPECS.items()
 }
 # What a failure's transition leaves the job in, as run() returns it.
 _LEFT_IN = {Next.RETRY: DEFERRED, Next.DEAD_LETTER_NOW: FAILED}
@@ -101,13 +100,13 @@ class Runner:
                 outcome = ACTIONS[action.KEY](ctx)
                 after = jobstate.ran(
                     job, disposition=outcome.disposition, header=outcome.header,
-                    notify=bool(action.topic_arn) and not isinstance(action, SNSAction)
-                    and not outcome.bounced,
+                    notify=notifies(action) and not outcome.bounced,
                     done=f"rule {matched.rule.name} action {p.action + 1} "
                          f"{action.TYPE}: {outcome.detail}")
                 self._action_ok(job, action, outcome, _ms(started))
             else:
-                assert action.topic_arn
+                if not action.topic_arn:  # a NOTIFY phase is entered only with one
+                    raise PermanentActionError(f"{action.TYPE} has no topic_arn to notify")
                 note = sns.notify(ctx, action.topic_arn)
                 after = jobstate.notified(job)
                 self._notified(job, action, note, _ms(started))

@@ -9,6 +9,7 @@ small one.  With kms_key_arn the object is encrypted server-side with that key
 from __future__ import annotations
 
 from mxrules import payload
+from mxrules.actionspec import narrow
 from mxrules.rules import S3_EMAIL_LIMIT, S3Action
 
 from . import bounce
@@ -21,8 +22,7 @@ MAX_OBJECT = S3_EMAIL_LIMIT
 
 
 def run(ctx: ActionContext) -> Outcome:
-    action = ctx.action
-    assert isinstance(action, S3Action)
+    action = narrow(ctx.action, S3Action)
     body = payload.StoredCopy(ctx.job, ctx.message_path, ctx.added_headers)
     try:
         if body.size > MAX_OBJECT:

@@ -10,18 +10,19 @@ payload's caps keep it within; moto enforces neither limit.
 from __future__ import annotations
 
 from mxrules import payload
-from mxrules.rules import SNSAction
+from mxrules.actionspec import narrow
+from mxrules.rules import SNS_EMAIL_LIMIT, SNSAction
 
 from . import bounce
 from .base import ActionContext, Outcome, PermanentActionError, processing_ms, stored_headers
 
 
 def run(ctx: ActionContext) -> Outcome:
-    action = ctx.action
-    assert isinstance(action, SNSAction) and action.EMAIL_LIMIT is not None
+    action = narrow(ctx.action, SNSAction)
+    limit = SNS_EMAIL_LIMIT
     with payload.StoredCopy(ctx.job, ctx.message_path, ctx.added_headers) as copy:
-        if copy.size > action.EMAIL_LIMIT:
-            return bounce.too_big(ctx, copy.size, action.EMAIL_LIMIT)
+        if copy.size > limit:
+            return bounce.too_big(ctx, copy.size, limit)
         content = copy.read_all()
     headers, truncated = stored_headers(ctx)
     try:
@@ -34,7 +35,8 @@ def run(ctx: ActionContext) -> Outcome:
         # cannot carry it, so it bounces like a larger email.
         return bounce.too_big(ctx, exc.size, exc.limit, notification=True)
     size = len(message.encode("utf-8"))
-    assert action.topic_arn
+    if not action.topic_arn:  # the schema requires it; a job file might not
+        raise PermanentActionError("SNS action without topic_arn")
     reply = ctx.clients.sns.publish(TopicArn=action.topic_arn, Message=message,
                                     Subject=payload.SUBJECT)
     return Outcome(detail=f"published to {action.topic_arn} ({size} bytes, "

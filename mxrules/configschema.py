@@ -167,7 +167,7 @@ def _explain(error: jsonschema.ValidationError) -> str:
     if error.validator == "additionalProperties":
         allowed = sorted(error.schema.get("properties", {}))
         extra = sorted(set(inst) - set(allowed)) if isinstance(inst, dict) else []
-        is_action = set(allowed) == {"add_header", "s3", "sns", "lambda", "bounce", "stop"}
+        is_action = set(allowed) == set(schema()["$defs"]["action"]["properties"])
         what = "action" if is_action else "key"
         names = ", ".join(repr(e) for e in extra)
         return f"unknown {what} {names} (expected one of: {', '.join(allowed)})"

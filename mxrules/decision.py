@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from . import actionspec
 from .ipfilter import FilterDecision, IPAddress, IpFilterTable, parse_cidr
 from .matching import ManagedDomains, RecipientIndex, bare, split_address
-from .rules import AddHeaderAction, BounceAction, LambdaAction, Rule, RuleSet, StopAction
+from .rules import BounceAction, Rule, RuleSet, StopAction
 
 if TYPE_CHECKING:
     from .config import Config
@@ -241,9 +242,10 @@ def in_stream_headers(plan: Sequence[RulePlan]) -> list[tuple[str, str]]:
     headers: list[tuple[str, str]] = []
     for item in plan:
         for action in item.rule.actions:
-            if isinstance(action, AddHeaderAction):
-                headers.append((action.header_name, action.header_value))
-            elif isinstance(action, StopAction) or _waits_for_disposition(action):
+            header = actionspec.in_stream_header(action)
+            if header is not None:
+                headers.append(header)
+            elif actionspec.may_stop(action):
                 return headers
     return headers
 
@@ -305,14 +307,11 @@ def bounce_size(rule: Rule) -> int | None:
     added = 0
     limits: list[int] = []
     for action in rule.actions:
-        if isinstance(action, AddHeaderAction):
-            added += len(f"{action.header_name}: {action.header_value}\r\n".encode())
+        header = actionspec.in_stream_header(action)
+        if header is not None:
+            added += len(f"{header[0]}: {header[1]}\r\n".encode())
         elif action.EMAIL_LIMIT is not None:
             limits.append(action.EMAIL_LIMIT - added)
-        elif isinstance(action, StopAction) or _waits_for_disposition(action):
+        elif actionspec.may_stop(action):
             break
     return min(limits) if limits else None
-
-
-def _waits_for_disposition(action: object) -> bool:
-    return isinstance(action, LambdaAction) and action.invocation_type == "RequestResponse"

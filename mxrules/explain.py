@@ -11,20 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from . import forwarded
+from . import actionspec, forwarded
 from .decision import Engine, RcptDecision, RulePlan, in_stream_headers
 from .ipfilter import parse_ip
 from .matching import bare
-from .payload import s3_key
-from .rules import (
-    Action,
-    AddHeaderAction,
-    BounceAction,
-    LambdaAction,
-    S3Action,
-    SNSAction,
-    StopAction,
-)
+from .rules import Action
 
 
 @dataclass(frozen=True)
@@ -38,27 +29,7 @@ class Transaction:
 
 
 def describe_action(action: Action) -> str:
-    if isinstance(action, AddHeaderAction):
-        text = f"AddHeader {action.header_name}: {action.header_value}"
-    elif isinstance(action, S3Action):
-        text = f"S3 put s3://{action.bucket_name}/{s3_key(action.object_key_prefix, '<messageId>')}"
-        if action.kms_key_arn:
-            text += f" (SSE-KMS {action.kms_key_arn})"
-    elif isinstance(action, SNSAction):
-        text = f"SNS publish to {action.topic_arn} (content {action.encoding})"
-    elif isinstance(action, LambdaAction):
-        text = f"Lambda {action.function_arn} ({action.invocation_type})"
-    elif isinstance(action, BounceAction):
-        status = f" {action.status_code}" if action.status_code else ""
-        text = (f"Bounce {action.smtp_reply_code}{status} \"{action.message}\" "
-                f"from {action.sender} to the envelope sender")
-    elif isinstance(action, StopAction):
-        text = "Stop (ends the rule set)"
-    else:  # pragma: no cover - every action type is listed above
-        text = action.TYPE
-    if action.topic_arn and not isinstance(action, SNSAction):
-        text += f"; notify {action.topic_arn}"
-    return text
+    return actionspec.describe(action)
 
 
 def explain(engine: Engine, tx: Transaction) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from enum import Enum, StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .rules import AddHeaderAction
+from .actionspec import spec_for
 
 if TYPE_CHECKING:
     from .job import Job
@@ -182,9 +182,10 @@ def wanted(job: Job) -> Phase | None:
         return Phase(p.phase)
     if phases:
         return Phase.NOTIFY  # the action ran the first time; only its notification failed
-    # An AddHeader runs again, but its notification (if any) was sent the first time.
+    # An AddHeader (rerun_on_requeue) runs again, but its notification (if any) was
+    # sent the first time.
     actions = job.rules[p.rule].rule.actions
-    if isinstance(actions[p.action], AddHeaderAction) and p.phase == Phase.ACTION:
+    if spec_for(actions[p.action]).rerun_on_requeue and p.phase == Phase.ACTION:
         return Phase.ACTION
     return None
 

@@ -20,6 +20,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from .actionspec import SES_TYPES
 from .received import UNRESOLVED_REASONS
 
 # SES bills received mail in 256 KB chunks; the same count helps size a fleet.
@@ -29,7 +30,7 @@ CONNECTION_RESULTS = ("accepted", "rejected")
 RECIPIENT_RESULTS = ("accepted", "unmanaged", "no-rule", "no-rule-set", "tls-required",
                      "bounced", "too-big")
 MESSAGE_RESULTS = ("spooled", "passed", "tempfail", "rejected")
-ACTION_TYPES = ("AddHeader", "S3", "SNS", "Lambda", "Bounce", "Stop")
+ACTION_TYPES = SES_TYPES  # every action type, from its spec (actionspec.SPECS)
 ACTION_OUTCOMES = ("ok", "retry", "failed", "bounced")
 JOB_RESULTS = ("done", "dead_lettered", "corrupt")
 RELOAD_RESULTS = ("ok", "failed")

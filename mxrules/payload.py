@@ -90,20 +90,14 @@ from email.utils import format_datetime, getaddresses
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from . import actionspec
+from .actionspec import s3_key, sns_encoding
 from .authres import verdict_headers
 from .errors import MxrulesError
 from .headblock import HEADER_BLOCK_LIMIT, header_lines
 from .ids import new_message_id
 from .matching import bare
-from .rules import (
-    Action,
-    AddHeaderAction,
-    BounceAction,
-    LambdaAction,
-    S3Action,
-    SNSAction,
-    StopAction,
-)
+from .rules import Action, S3Action, SNSAction
 from .spool import Client, Job, MatchedRule, ses_timestamp
 from .text import without_line_breaks
 
@@ -126,7 +120,6 @@ Header = tuple[str, str]
 
 _VERDICTS = (("spamVerdict", "spam"), ("virusVerdict", "virus"), ("spfVerdict", "spf"),
              ("dkimVerdict", "dkim"), ("dmarcVerdict", "dmarc"))
-_ENCODINGS = MappingProxyType({"UTF-8": "UTF8", "UTF8": "UTF8", "BASE64": "BASE64"})
 _LIST_HEADERS = MappingProxyType(
     {"from": "from", "reply-to": "replyTo", "to": "to", "cc": "cc", "bcc": "bcc"})
 _TEXT_HEADERS = MappingProxyType(
@@ -577,32 +570,11 @@ def _status(job: Job, key: str) -> str:
 
 
 def action_object(job: Job, action: Action) -> dict[str, Any]:
-    """`receipt.action`, with SES's field names and order for each type."""
+    """`receipt.action`, with SES's field names and order for each type (actionspec)."""
     out: dict[str, Any] = {"type": action.TYPE}
     if action.topic_arn:
         out["topicArn"] = action.topic_arn
-    if isinstance(action, S3Action):
-        out["bucketName"] = action.bucket_name
-        # Always present, as configured ("" when none): SES's own output does so.
-        out["objectKeyPrefix"] = action.object_key_prefix or ""
-        out["objectKey"] = object_key(job, action)
-    elif isinstance(action, SNSAction):
-        out["encoding"] = sns_encoding(action.encoding)
-    elif isinstance(action, LambdaAction):
-        out["functionArn"] = action.function_arn
-        out["invocationType"] = action.invocation_type
-    elif isinstance(action, BounceAction):
-        out["smtpReplyCode"] = action.smtp_reply_code
-        if action.status_code:
-            out["statusCode"] = action.status_code
-        out["message"] = action.message
-        out["sender"] = action.sender
-    elif isinstance(action, AddHeaderAction):
-        out["headerName"] = action.header_name
-        out["headerValue"] = action.header_value
-    elif not isinstance(action, StopAction):
-        raise TypeError(f"no SES payload for action {type(action).__name__}")
-    return out
+    return out | actionspec.spec_for(action).payload(action, job.message_id)
 
 
 def object_key(job: Job, action: S3Action) -> str:
@@ -613,21 +585,6 @@ def object_key(job: Job, action: S3Action) -> str:
     `prefix + "/" + messageId` themselves: the key must be exactly that.
     """
     return s3_key(action.object_key_prefix, job.message_id)
-
-
-def s3_key(prefix: str | None, message_id: str) -> str:
-    """`prefix/messageId` (one `/`, added only when the prefix lacks it), or the id alone."""
-    if not prefix:
-        return message_id
-    return prefix + message_id if prefix.endswith("/") else f"{prefix}/{message_id}"
-
-
-def sns_encoding(encoding: str) -> str:
-    """The rule's `UTF-8`/`Base64` as SES spells it in payloads: `UTF8`/`BASE64`."""
-    try:
-        return _ENCODINGS[encoding.upper()]
-    except KeyError:
-        raise ValueError(f"unknown SNS encoding {encoding!r}") from None
 
 
 # -- whole payloads ------------------------------------------------------------

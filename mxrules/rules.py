@@ -8,116 +8,27 @@ in the spool carries a snapshot of its matched rules in the YAML form
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, Literal
 
+# The action model and its registry live in actionspec; re-exported for the rule model's users.
+from .actionspec import (  # noqa: F401
+    ACTION_TYPES,
+    S3_EMAIL_LIMIT,
+    SNS_EMAIL_LIMIT,
+    Action,
+    AddHeaderAction,
+    BounceAction,
+    LambdaAction,
+    S3Action,
+    SNSAction,
+    StopAction,
+    action_from_config,
+    camel,
+)
 from .configschema import default
 
 TlsPolicy = Literal["Require", "Optional"]
-
-# SES's limits on the email an action takes, SES's prepended headers included.  S3:
-# "the maximum email size (including headers) is 40 MB. Emails larger than that
-# bounces." (SES API reference, S3Action; receiving-email-action-s3.md).  SNS: "the
-# maximum email size (including headers) is 150 KB. Larger emails will bounce."
-# (receiving-email-action-sns.md, quotas.md); the notification itself may be larger.
-S3_EMAIL_LIMIT = 40 * 1024 * 1024
-SNS_EMAIL_LIMIT = 150 * 1024
-
-
-def camel(snake: str) -> str:
-    """`bucket_name` -> `BucketName`: SES's API spelling of a field."""
-    return "".join(part.capitalize() for part in snake.split("_"))
-
-
-@dataclass(frozen=True)
-class Action:
-    """Base of every action; subclasses name their YAML key and SES type."""
-
-    KEY: ClassVar[str]  # YAML key: `- s3: {...}`
-    TYPE: ClassVar[str]  # SES `receipt.action.type`
-    # SES's limit on the email (with the headers SES prepends) this action can take;
-    # larger emails bounce.  None: no limit of the action's own.
-    EMAIL_LIMIT: ClassVar[int | None] = None
-    topic_arn: str | None = None
-
-    @property
-    def ses_name(self) -> str:
-        """The SES export's wrapper key, e.g. `S3Action`."""
-        return self.TYPE + "Action"
-
-    def to_config(self) -> dict[str, Any]:
-        body = {
-            f.name: getattr(self, f.name)
-            for f in dataclasses.fields(self)
-            if getattr(self, f.name) is not None
-        }
-        return {self.KEY: body}
-
-
-@dataclass(frozen=True)
-class AddHeaderAction(Action):
-    KEY: ClassVar[str] = "add_header"
-    TYPE: ClassVar[str] = "AddHeader"
-    header_name: str = ""
-    header_value: str = ""
-
-
-@dataclass(frozen=True)
-class S3Action(Action):
-    KEY: ClassVar[str] = "s3"
-    TYPE: ClassVar[str] = "S3"
-    EMAIL_LIMIT: ClassVar[int | None] = S3_EMAIL_LIMIT
-    bucket_name: str = ""
-    object_key_prefix: str | None = None
-    kms_key_arn: str | None = None
-
-
-@dataclass(frozen=True)
-class SNSAction(Action):
-    KEY: ClassVar[str] = "sns"
-    TYPE: ClassVar[str] = "SNS"
-    EMAIL_LIMIT: ClassVar[int | None] = SNS_EMAIL_LIMIT
-    encoding: str = default("$defs.action.sns.encoding")
-
-
-@dataclass(frozen=True)
-class LambdaAction(Action):
-    KEY: ClassVar[str] = "lambda"
-    TYPE: ClassVar[str] = "Lambda"
-    function_arn: str = ""
-    invocation_type: str = default("$defs.action.lambda.invocation_type")
-
-
-@dataclass(frozen=True)
-class BounceAction(Action):
-    KEY: ClassVar[str] = "bounce"
-    TYPE: ClassVar[str] = "Bounce"
-    smtp_reply_code: str = ""
-    status_code: str | None = None
-    message: str = ""
-    sender: str = ""
-
-
-@dataclass(frozen=True)
-class StopAction(Action):
-    KEY: ClassVar[str] = "stop"
-    TYPE: ClassVar[str] = "Stop"
-    scope: str = "RuleSet"
-
-
-ACTION_TYPES: dict[str, type[Action]] = {
-    cls.KEY: cls
-    for cls in (AddHeaderAction, S3Action, SNSAction, LambdaAction, BounceAction, StopAction)
-}
-
-
-def action_from_config(item: dict[str, Any]) -> Action:
-    """Build an action from its YAML form `{key: {field: value}}` (already validated)."""
-    ((key, body),) = item.items()
-    cls = ACTION_TYPES[key]
-    return cls(**(body or {}))
-
 
 @dataclass(frozen=True)
 class Rule:
