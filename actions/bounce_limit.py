@@ -37,6 +37,7 @@ from typing import Protocol
 
 from mxrules.scan.auth import aligned
 from mxrules.spool import Job
+from mxrules.verdicts import DMARC, SPF
 
 MAX_KEYS = 10_000
 
@@ -57,12 +58,12 @@ class Limits(Protocol):
 
 def authenticated_by(job: Job) -> str:
     """"spf" or "dmarc" when that check vouches for the envelope sender, else ""."""
-    if job.verdicts.get("spf") == "PASS":
-        return "spf"
+    if job.verdicts.get(SPF) == "PASS":
+        return SPF
     domain = job.mail_from.rpartition("@")[2]
     from_domain = dmarc_from_domain(job)
-    if job.verdicts.get("dmarc") == "PASS" and from_domain and aligned(domain, from_domain, "r"):
-        return "dmarc"
+    if job.verdicts.get(DMARC) == "PASS" and from_domain and aligned(domain, from_domain, "r"):
+        return DMARC
     return ""
 
 

@@ -33,6 +33,7 @@ from mxrules.metrics import WorkerMetrics
 from mxrules.rules import Action
 from mxrules.service import kv
 from mxrules.spool import DEFERRED, DONE, FAILED, Claim, Job, message_time
+from mxrules.verdicts import DMARC, SPF
 
 from . import sns
 from .aws import Clients, classify
@@ -166,7 +167,7 @@ class Runner:
         log.info("bounce suppressed %s", kv(
             message_id=job.message_id, queue_id=job.queue_id, rule=rule, action=action,
             reason=outcome.suppressed, sender=job.mail_from, client=job.client.address,
-            spf=job.verdicts.get("spf"), dmarc=job.verdicts.get("dmarc")))
+            spf=job.verdicts.get(SPF), dmarc=job.verdicts.get(DMARC)))
 
     def _record(self, claim: Claim, job: Job) -> None:
         """Make the progress after an action durable before anything else is done.

@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 from mxrules.authres import verdict_headers
 from mxrules.config import ScanSettings
 from mxrules.scan import DISABLED, Verdict
+from mxrules.verdicts import DMARC, SCANNED, VERDICTS
 
 log = logging.getLogger("mxrules.milter")
 
-KEYS = ("spam", "virus", "spf", "dkim", "dmarc")
+KEYS = VERDICTS
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,7 @@ class ScanOutcome:
     def statuses(self) -> dict[str, str]:
         """What the job records (and the payloads show)."""
         out: dict[str, str] = {k: self.verdicts[k].status for k in KEYS}
-        if self.dmarc_policy and out["dmarc"] == "FAIL":
+        if self.dmarc_policy and out[DMARC] == "FAIL":
             out["dmarc_policy"] = self.dmarc_policy
         return out
 
@@ -57,7 +58,7 @@ class ScanOutcome:
 
         docs/ses-compatibility.md, "The stored copy".
         """
-        statuses = {key: self.verdicts[key].status for key in ("spam", "virus")}
+        statuses = {key: self.verdicts[key].status for key in SCANNED}
         return [*verdict_headers(statuses), *self.auth_headers]
 
 
@@ -190,8 +191,8 @@ class Scanner:
         wait(futures.values(), timeout=timeout)
         verdicts: dict[str, Verdict] = dict.fromkeys(KEYS, DISABLED)
         if spam_virus:  # asked for: a scanner left out of the config is a failure
-            verdicts["spam"] = _failed("no spam scanner configured")
-            verdicts["virus"] = _failed("no virus scanner configured")
+            for key in SCANNED:
+                verdicts[key] = _failed(f"no {key} scanner configured")
         auth_headers: tuple[tuple[str, str], ...] = ()
         policy = None
         for key, fut in futures.items():

@@ -50,15 +50,13 @@ from mxrules.received import OriginalClient
 from mxrules.service import quote as _quote
 from mxrules.spool import Client, Job, JobWriter, MatchedRule, Spool, ses_timestamp
 from mxrules.text import has_header_controls
+from mxrules.verdicts import all_disabled
 
 from .scanning import Scanner, ScanOutcome
 
 log = logging.getLogger("mxrules.milter")
 
-DISABLED_VERDICTS = {
-    "spam": "DISABLED", "virus": "DISABLED", "spf": "DISABLED",
-    "dkim": "DISABLED", "dmarc": "DISABLED",
-}
+DISABLED_VERDICTS = all_disabled()
 
 @dataclass
 class Runtime:

@@ -19,12 +19,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from .verdicts import DISABLED, SCANNED
+
 AUTH_RESULTS = "Authentication-Results"
 SPAM_VERDICT = "X-SES-Spam-Verdict"
 VIRUS_VERDICT = "X-SES-Virus-Verdict"
 # SES's other X-SES-* headers (X-SES-RECEIPT, X-SES-DKIM-SIGNATURE: SES signing its
 # receipt) are not written by mxrules, which has no SES key; only these two are.
-VERDICT_HEADERS = (SPAM_VERDICT, VIRUS_VERDICT)
+VERDICT_HEADERS = (SPAM_VERDICT, VIRUS_VERDICT)  # one per verdicts.SCANNED, in its order
 # The headers only this host may write, by lower-case name (names compare
 # without regard to case), spelled as mxrules writes them.
 OWN_HEADERS = {h.lower(): h for h in (AUTH_RESULTS, *VERDICT_HEADERS)}
@@ -40,9 +42,9 @@ def verdict_headers(statuses: Mapping[str, str]) -> list[tuple[str, str]]:
     (Postfix's copy) and the payloads (the stored copy) take them from.
     """
     out = []
-    for name, key in ((SPAM_VERDICT, "spam"), (VIRUS_VERDICT, "virus")):
-        status = statuses.get(key, "DISABLED")
-        if status != "DISABLED":
+    for name, key in zip(VERDICT_HEADERS, SCANNED, strict=True):
+        status = statuses.get(key, DISABLED)
+        if status != DISABLED:
             out.append((name, status))
     return out
 # RFC 2045 tspecials: what ends a token (besides space and controls).

@@ -34,6 +34,7 @@ from .settings import (
     setting,
     worker_settings,
 )
+from .verdicts import SCANNED
 
 __all__ = ["DEFAULT_PATH", "AwsSettings", "Config", "ScanSettings", "ScannerSettings",
            "WorkerSettings", "default", "dotted", "load", "schema"]
@@ -113,7 +114,7 @@ def _check_scan(data: dict[str, Any], problem: Any) -> None:
     from .scan.transport import ScannerError, parse_address
 
     scan = data.get("scan", {})
-    for kind in ("spam", "virus"):
+    for kind in SCANNED:
         raw = scan.get(kind) or {}
         if "address" in raw:
             try:

@@ -90,7 +90,7 @@ from email.utils import format_datetime, getaddresses
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from . import actionspec
+from . import actionspec, verdicts
 from .actionspec import s3_key, sns_encoding
 from .authres import verdict_headers
 from .errors import MxrulesError
@@ -118,8 +118,6 @@ TEXT_LIMIT = 1024
 
 Header = tuple[str, str]
 
-_VERDICTS = (("spamVerdict", "spam"), ("virusVerdict", "virus"), ("spfVerdict", "spf"),
-             ("dkimVerdict", "dkim"), ("dmarcVerdict", "dmarc"))
 _LIST_HEADERS = MappingProxyType(
     {"from": "from", "reply-to": "replyTo", "to": "to", "cc": "cc", "bcc": "bcc"})
 _TEXT_HEADERS = MappingProxyType(
@@ -193,8 +191,8 @@ def _ses_fields(job: Job) -> list[tuple[str, str, str]]:
         ("Return-Path", path, path),
         ("Received", " ".join(received), "\r\n ".join(received)),
     ]
-    verdicts = verdict_headers({key: _status(job, key) for key in ("spam", "virus")})
-    fields.extend((name, status, status) for name, status in verdicts)
+    scanned = verdict_headers({key: _status(job, key) for key in verdicts.SCANNED})
+    fields.extend((name, status, status) for name, status in scanned)
     # The scanners' Received-SPF and Authentication-Results travel with the job.
     extra = job.auth_headers
     fields.extend((name, without_line_breaks(value), without_line_breaks(value))
@@ -556,17 +554,17 @@ def receipt_object(job: Job, matched: MatchedRule, action: Action, *,
         "processingTimeMillis": int(processing_ms),
         "recipients": list(matched.recipients),
     }
-    for field, key in _VERDICTS:
-        receipt[field] = {"status": _status(job, key)}
+    for key in verdicts.VERDICTS:
+        receipt[verdicts.payload_field(key)] = {"status": _status(job, key)}
     policy = job.verdicts.get("dmarc_policy")
-    if policy and _status(job, "dmarc") == "FAIL":
+    if policy and _status(job, verdicts.DMARC) == "FAIL":
         receipt["dmarcPolicy"] = policy
     receipt["action"] = action_object(job, action)
     return receipt
 
 
 def _status(job: Job, key: str) -> str:
-    return (job.verdicts.get(key) or "DISABLED").upper()
+    return (job.verdicts.get(key) or verdicts.DISABLED).upper()
 
 
 def action_object(job: Job, action: Action) -> dict[str, Any]:
