@@ -30,7 +30,7 @@ from mxrules.config import WorkerSettings
 from mxrules.errors import SpoolError
 from mxrules.jobstate import NO_ACTION, Failure, Next, Phase, Transition
 from mxrules.metrics import WorkerMetrics
-from mxrules.rules import Action
+from mxrules.rules import Action, LambdaAction
 from mxrules.service import kv
 from mxrules.spool import DEFERRED, DONE, FAILED, Claim, Job, message_time
 from mxrules.verdicts import DMARC, SPF
@@ -142,7 +142,7 @@ class Runner:
         self.metrics.actions.labels(action.TYPE, "bounced" if outcome.bounced else "ok").inc()
         if p.attempts and self.recovered:
             self.recovered(action.TYPE)
-        if action.TYPE == "Lambda":
+        if isinstance(action, LambdaAction):  # mxrules_lambda_dispositions_total
             self.metrics.dispositions.labels(outcome.disposition).inc()
         rule = job.rules[p.rule].rule.name
         if outcome.suppressed:
