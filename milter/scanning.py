@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from mxrules.authres import verdict_headers
 from mxrules.config import ScanSettings
 from mxrules.scan import DISABLED, Verdict
-from mxrules.verdicts import DMARC, SCANNED, VERDICTS
+from mxrules.verdicts import DMARC, SCANNED, SPAM, VERDICTS, VIRUS
 
 log = logging.getLogger("mxrules.milter")
 
@@ -170,16 +170,16 @@ class Scanner:
         if s.spam is not None:
             spam_cfg = s.spam
             if spam_cfg.engine == "rspamd":
-                jobs["spam"] = lambda: spam.scan_rspamd(
+                jobs[SPAM] = lambda: spam.scan_rspamd(
                     spam_cfg.address, path, timeout=s.timeout, max_size=spam_cfg.max_size,
                     client_ip=client_ip, helo=helo, sender=mail_from, recipients=recipients,
                     hostname=client_hostname or None, queue_id=queue_id or None)
             else:
-                jobs["spam"] = lambda: spam.scan_spamd(
+                jobs[SPAM] = lambda: spam.scan_spamd(
                     spam_cfg.address, path, timeout=s.timeout, max_size=spam_cfg.max_size)
         if s.virus is not None:
             virus_cfg = s.virus
-            jobs["virus"] = lambda: virus.scan_clamd(virus_cfg.address, path, timeout=s.timeout,
+            jobs[VIRUS] = lambda: virus.scan_clamd(virus_cfg.address, path, timeout=s.timeout,
                                                      max_size=virus_cfg.max_size)
         return jobs
 
